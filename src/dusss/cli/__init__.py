@@ -1,0 +1,64 @@
+"""The `dusss` command line: a thin typer app over the library (one command per pipeline stage).
+
+Errors from the library (DusssError) print as one line and exit 1; `--debug` anywhere shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from dusss.errors import DusssError
+
+app = typer.Typer(
+    name="dusss",
+    help="Text-guided semi-supervised medical image segmentation (DuSSS / AMVLM).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    from dusss.cli import commands, data
+
+    app.add_typer(data.data_app, name="data")
+    commands.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point; turns user errors into one line and a non-zero exit."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    _register()
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="dusss", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except DusssError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback with --debug
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(result, int) and result != 0:
+        sys.exit(result)

@@ -1,0 +1,128 @@
+"""Safe checkpoints: safetensors for tensors plus a JSON sidecar; atomic writes (temp file + rename).
+
+Nothing here unpickles: weights load through safetensors, metadata through JSON. Every file carries a
+`kind` ("vlm", "segmentation", "train_state", ...) so that a checkpoint of the wrong kind is refused
+with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from dusss import __version__
+from dusss.errors import CheckpointError
+
+FORMAT = "dusss-checkpoint-v1"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """`model.safetensors` -> `model.json`."""
+    return Path(path).with_suffix(".json")
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> None:
+    """Save `tensors` to `path` (.safetensors) and `meta` (+ kind, format, version) to the JSON sidecar.
+
+    Both files are written atomically; the sidecar last, so a sidecar always describes a complete file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata={"format": FORMAT, "kind": kind})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    full_meta = {"format": FORMAT, "kind": kind, "dusss_version": __version__, **meta}
+    atomic_write_text(sidecar_path(path), json.dumps(full_meta, indent=2, default=str))
+
+
+def load_checkpoint(path: str | Path, kind: str | tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load tensors and sidecar metadata; raise CheckpointError if missing, foreign or of another kind."""
+    path = Path(path)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a .safetensors file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise CheckpointError(f"{path}: no JSON sidecar {side.name}; not a dusss checkpoint")
+    try:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{side}: sidecar is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a dusss checkpoint (sidecar has no format {FORMAT!r})")
+    if meta.get("kind") not in kinds:
+        raise CheckpointError(
+            f"{path}: is a {meta.get('kind')!r} checkpoint, expected {' or '.join(repr(k) for k in kinds)}"
+        )
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({str(exc).splitlines()[0]})") from None
+    return tensors, meta
+
+
+def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """`module.load_state_dict(state, strict=True)` with a one-line CheckpointError on mismatch."""
+    missing, unexpected = [], []
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shape:
+            k = shape[0]
+            parts.append(f"shape mismatch at {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}")
+        raise CheckpointError(f"{path}: architecture differs from the checkpoint: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add `prefix.` to every key (to store several modules in one file)."""
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys under `prefix.`, with the prefix stripped."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
