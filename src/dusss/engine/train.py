@@ -1,0 +1,298 @@
+"""Step 2: the semi-supervised segmentation loop. The method (how a batch becomes a loss) comes from the
+`dusss.methods.segmentation` registry; this loop only feeds batches, steps the optimizer, validates,
+early-stops, checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dusss.config import check, to_dict
+from dusss.data.datasets import SegmentationDataset
+from dusss.data.manifest import Record, read_manifest
+from dusss.data.splits import load_split
+from dusss.engine import distributed as dist
+from dusss.engine.checkpoint import load_checkpoint, save_checkpoint
+from dusss.engine.logging import MetricsLogger, plot_curves, progress
+from dusss.engine.precision import autocast_context, maybe_channels_last, resolve_device, set_threads
+from dusss.engine.runs import copy_split, prepare_run_dir
+from dusss.engine.samplers import EpochSampler, cycle_to_length
+from dusss.engine.seed import rng_state, seed_everything, set_rng_state
+from dusss.engine.state import check_finite, cosine_lr, load_train_state, optimizer_from_tensors, save_train_state, set_lr
+from dusss.errors import ConfigError, DataError
+from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method
+from dusss.metrics import SegmentationMetrics
+from dusss.models.unet import UNet, UNetConfig
+
+MODEL_KIND = "segmentation"
+
+
+@dataclass
+class TrainConfig:
+    """Everything `dusss train` needs; saved resolved as RUN/config.yaml."""
+
+    data: str = ""
+    splits: str = ""
+    out: str = ""
+    method: str = "dusss"
+    vlm: str = ""
+    epochs: int = 50
+    batch_size: int = 8
+    unlabeled_batch_size: int = 0
+    image_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.0
+    patience: int = 20
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    threads: int = 0
+    augment: bool = True
+    progress: bool = True
+    pseudo_label_eval_max: int = 64
+    threshold: float = 0.5
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    semi: SegMethodConfig = field(default_factory=SegMethodConfig)
+
+    def __post_init__(self) -> None:
+        check(self.method in SEG_METHODS, f"method: {self.method!r} is not one of {sorted(SEG_METHODS)}")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.unlabeled_batch_size >= 0, "unlabeled_batch_size must be >= 0 (0 = batch_size)")
+        check(self.image_size >= 32 and self.image_size % 16 == 0, f"image_size must be a multiple of 16 >= 32, got {self.image_size}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}")
+        check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, list[Record]]:
+    by_key = {r.key: r for r in records}
+    out = {name: [by_key[k] for k in split.get(name, [])] for name in ("labeled", "unlabeled", "val", "test")}
+    # Unlabeled rows never show their masks to training, even where the manifest has them.
+    out["unlabeled_eval"] = [r for r in out["unlabeled"] if r.mask is not None]
+    out["unlabeled"] = [dataclasses.replace(r, mask=None) for r in out["unlabeled"]]
+    return out
+
+
+def load_segmentation_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
+    """Load a student U-Net written by `dusss train` (a run folder or its model.safetensors)."""
+    from dusss.config import from_dict
+    from dusss.engine.checkpoint import load_state_into
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    tensors, meta = load_checkpoint(path, MODEL_KIND)
+    try:
+        cfg = from_dict(UNetConfig, meta["unet"], "unet")
+    except (KeyError, ConfigError) as exc:
+        from dusss.errors import CheckpointError
+
+        raise CheckpointError(f"{path}: sidecar has no valid U-Net config ({exc})") from None
+    model = UNet(cfg)
+    load_state_into(model, tensors, path)
+    return model.to(device).eval(), meta
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, loader: DataLoader, device: torch.device, precision: str,
+             threshold: float = 0.5) -> dict[str, float]:
+    """Per-image mean Dice / IoU of the model on a loader with masks."""
+    was = model.training
+    model.eval()
+    metrics = SegmentationMetrics(threshold=threshold)
+    for batch in loader:
+        with autocast_context(device, precision):
+            logits = model(batch["image"].to(device))
+        metrics.update(torch.sigmoid(logits.float()).cpu(), batch["mask"], list(batch["key"]))
+    model.train(was)
+    return metrics.compute()
+
+
+@torch.no_grad()
+def pseudo_label_dice(method: Any, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
+    """Dice of the teacher / text-mask / merged pseudo-labels against the (hidden) masks of unlabeled rows."""
+    accs: dict[str, SegmentationMetrics] = {}
+    for batch in loader:
+        labels = method.pseudo_labels(batch["image"].to(device), list(batch["text"]))
+        for name, logits in labels.items():
+            accs.setdefault(name, SegmentationMetrics(threshold=threshold)).update(
+                torch.sigmoid(logits.float()).cpu(), batch["mask"], list(batch["key"]))
+    return {f"pseudo/{name}_dice": m.compute()["dice"] for name, m in accs.items()}
+
+
+def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    """Train a student U-Net with `cfg.method`; returns the run folder (best model in RUN/model.safetensors)."""
+    dist.init_from_env(cfg.device)
+    device = resolve_device(cfg.device)
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    records = read_manifest(cfg.data)
+    split = load_split(cfg.splits, records)
+    parts = _split_records(records, split)
+    if not parts["labeled"]:
+        raise DataError(cfg.splits, "no labeled training rows")
+    if not parts["val"]:
+        raise DataError(cfg.splits, "val split is empty: needed for early stopping and model selection")
+    run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="train")
+    if dist.is_main():
+        copy_split(cfg.splits, run)
+
+    student = UNet(cfg.unet).to(device)
+    maybe_channels_last(student, cfg.channels_last)
+    needs_vlm = SEG_METHODS[cfg.method].needs_vlm
+    vlm = None
+    if needs_vlm:
+        if not cfg.vlm:
+            raise ConfigError(f"method {cfg.method!r} needs a pre-trained VLM: pass --vlm RUN/vlm.safetensors")
+        from dusss.models.vlm import VisionLanguageModel
+
+        vlm = VisionLanguageModel.from_checkpoint(cfg.vlm).to(device)
+    method = build_seg_method(cfg.method, cfg.semi, student, vlm)
+    method.to(device) if hasattr(method, "to") else None
+    uses_unlabeled = method.uses_unlabeled and bool(parts["unlabeled"])
+
+    bs_l = cfg.batch_size
+    bs_u = cfg.unlabeled_batch_size or cfg.batch_size
+    lab_ds = SegmentationDataset(parts["labeled"], cfg.image_size, augment=cfg.augment, seed=cfg.seed)
+    unl_ds = SegmentationDataset(parts["unlabeled"], cfg.image_size, augment=cfg.augment, seed=cfg.seed + 1) if parts["unlabeled"] else None
+    val_loader = DataLoader(SegmentationDataset(parts["val"], cfg.image_size), batch_size=16, shuffle=False)
+    pl_rows = parts["unlabeled_eval"][: cfg.pseudo_label_eval_max]
+    pl_loader = DataLoader(SegmentationDataset(pl_rows, cfg.image_size), batch_size=16, shuffle=False) if pl_rows else None
+    n_unl = len(parts["unlabeled"])
+    # Same number of optimizer steps for every method: one epoch = one pass over the larger stream.
+    steps_per_epoch = max(math.ceil(len(lab_ds) / bs_l), math.ceil(n_unl / bs_u) if n_unl else 0)
+    steps_per_epoch = max(1, steps_per_epoch // dist.world_size())
+    total_steps = steps_per_epoch * cfg.epochs
+    lab_sampler = EpochSampler(len(lab_ds), seed=cfg.seed, shuffle=True)
+    unl_sampler = EpochSampler(n_unl, seed=cfg.seed + 1, shuffle=True) if n_unl else None
+
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    state_path = run / "state.safetensors"
+    best_path = run / "model.safetensors"
+    logger = MetricsLogger(run) if dist.is_main() else None
+    start_epoch, step, best_dice, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
+    if resume and state_path.is_file():
+        modules, otensors, _, meta = load_train_state(state_path)
+        student.load_state_dict(modules["student"])
+        if "method" in modules:
+            method.load_state_dict(modules["method"])
+        optimizer_from_tensors(optimizer, otensors, meta["optimizer"])
+        start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        best_dice, best_epoch, bad_epochs = float(meta["best_dice"]), int(meta["best_epoch"]), int(meta["bad_epochs"])
+        set_rng_state(meta["rng"])
+        if logger:
+            logger.truncate_after(start_epoch)
+
+    meta_common = {"unet": to_dict(cfg.unet), "image_size": cfg.image_size, "method": cfg.method,
+                   "threshold": cfg.threshold, "input": "RGB float in [0,1], resized to image_size (bilinear)",
+                   "output": "logits [B,1,H,W]; probability = sigmoid(logits); mask = probability >= threshold"}
+    t_run = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        if bad_epochs >= cfg.patience:
+            break
+        for ds in (lab_ds, unl_ds):
+            if ds is not None:
+                ds.set_epoch(epoch)
+        lab_sampler.set_epoch(epoch)
+        lab_idx = cycle_to_length(list(lab_sampler), steps_per_epoch * bs_l)
+        lab_loader = DataLoader(lab_ds, batch_size=bs_l, sampler=lab_idx, num_workers=cfg.num_workers)
+        unl_iter = iter([None] * steps_per_epoch)
+        if uses_unlabeled and unl_sampler is not None and unl_ds is not None:
+            unl_sampler.set_epoch(epoch)
+            unl_idx = cycle_to_length(list(unl_sampler), steps_per_epoch * bs_u)
+            unl_iter = iter(DataLoader(unl_ds, batch_size=bs_u, sampler=unl_idx, num_workers=cfg.num_workers))
+        method.train()
+        sums: dict[str, float] = {}
+        t0 = time.time()
+        n = 0
+        for lab_batch in progress(lab_loader, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
+                                  enabled=cfg.progress):
+            unl_batch = next(unl_iter)
+            set_lr(optimizer, cosine_lr(step, total_steps, 1.0, int(cfg.warmup_fraction * total_steps)))
+            lab_batch = _to_device(lab_batch, device)
+            unl_batch = _to_device(unl_batch, device) if unl_batch is not None else None
+            with autocast_context(device, cfg.precision):
+                loss, logs = method.loss(lab_batch, unl_batch, step, total_steps)
+            check_finite(loss, step, best_path if best_path.exists() else None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_step(step)
+            step += 1
+            n += 1
+            for k, v in {"loss": float(loss.detach()), **logs}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        row: dict[str, Any] = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
+        row["seconds_per_epoch"] = time.time() - t0
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        if dist.is_main():
+            val = validate(student, val_loader, device, cfg.precision, cfg.threshold)
+            row.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+            if pl_loader is not None and hasattr(method, "pseudo_labels"):
+                method.eval()
+                row.update(pseudo_label_dice(method, pl_loader, device, cfg.threshold))
+                method.train()
+            dice = float(val["dice"])
+            if dice > best_dice:
+                best_dice, best_epoch, bad_epochs = dice, epoch + 1, 0
+                save_checkpoint(best_path, student.state_dict(), MODEL_KIND,
+                                {**meta_common, "epoch": epoch + 1, "val_dice": dice})
+                _save_text_mask(method, run, cfg)
+            else:
+                bad_epochs += 1
+            row.update({"best/val_dice": best_dice, "best/epoch": best_epoch})
+            save_checkpoint(run / "last.safetensors", student.state_dict(), MODEL_KIND,
+                            {**meta_common, "epoch": epoch + 1, "val_dice": dice})
+            modules = {"student": student.state_dict()}
+            msd = method.state_dict()
+            if msd:
+                modules["method"] = msd
+            save_train_state(state_path, modules, optimizer,
+                             {"epoch": epoch + 1, "step": step, "best_dice": best_dice, "best_epoch": best_epoch,
+                              "bad_epochs": bad_epochs, "rng": rng_state()})
+            assert logger is not None
+            logger.log(epoch + 1, row)
+            plot_curves(run / "metrics.jsonl", run / "curves.png")
+        bad_epochs = int(_broadcast_int(bad_epochs))
+        dist.barrier()
+    if logger:
+        logger.close()
+    if dist.is_main():
+        (run / "DONE").write_text(f"{time.time() - t_run:.1f}\n")
+    return run
+
+
+def _broadcast_int(value: int) -> int:
+    if not dist.is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    torch.distributed.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _save_text_mask(method: Any, run: Path, cfg: TrainConfig) -> None:
+    """Keep the trained grounding decoder beside the student, for `dusss textmap --model RUN`."""
+    gen = getattr(method, "text_mask", None)
+    if gen is None or not hasattr(gen, "trainable_state_dict"):
+        return
+    save_checkpoint(run / "text_mask.safetensors", gen.trainable_state_dict(), "text_mask",
+                    {"vlm": str(cfg.vlm), "text_mask": to_dict(cfg.semi)})

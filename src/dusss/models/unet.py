@@ -1,0 +1,144 @@
+"""The segmentation network of Step 2 (student and teacher): LViT's plain U-Net (METHOD §2.7), emitting logits.
+
+Layout for base width w (paper: w = 64, 14,751,873 parameters):
+
+| block    | operation                                              | channels        |
+|----------|--------------------------------------------------------|-----------------|
+| inc      | ONE Conv3x3 + BN + ReLU                                | in → w          |
+| down1..4 | MaxPool2 + 2 × (Conv3x3 + BN + ReLU)                   | w→2w→4w→8w→8w   |
+| up4..1   | ConvTranspose2d(c, c, 2, 2), concat skip, 2 × Conv     | 16w→4w→2w→w→w   |
+| outc     | Conv1x1                                                | w → n_classes   |
+
+The authors' model ends in a sigmoid; ours returns logits (sigmoid lives in the losses and metrics).
+Inputs are `[B, in_channels, H, W]` images in [0, 1]; H and W that are not multiples of 16 are padded
+(replicate) up to the next multiple and the output is cropped back, so any size works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dusss.config import check
+
+CHECKPOINT_KIND = "segmentation"
+
+
+@dataclass
+class UNetConfig:
+    """U-Net size. `base_width=64` is the paper's network; 8-16 is enough for CPU smoke runs."""
+
+    base_width: int = 64
+    in_channels: int = 3
+    n_classes: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.base_width >= 1, f"unet.base_width must be >= 1, got {self.base_width}")
+        check(self.in_channels >= 1, f"unet.in_channels must be >= 1, got {self.in_channels}")
+        check(self.n_classes >= 1, f"unet.n_classes must be >= 1, got {self.n_classes}")
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv3x3 (padding 1, with bias, as in LViT) + BatchNorm + ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DoubleConv(nn.Sequential):
+    """2 × ConvBNReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__(ConvBNReLU(in_ch, out_ch), ConvBNReLU(out_ch, out_ch))
+
+
+class Down(nn.Sequential):
+    """MaxPool2 then 2 × ConvBNReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_ch, out_ch))
+
+
+class Up(nn.Module):
+    """ConvTranspose2d(c, c, 2, 2) on the deeper map, concat the skip (c channels), then 2 × ConvBNReLU."""
+
+    def __init__(self, deep_ch: int, skip_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(deep_ch, deep_ch, kernel_size=2, stride=2)
+        self.conv = DoubleConv(deep_ch + skip_ch, out_ch)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class UNet(nn.Module):
+    """LViT's U-Net (METHOD §2.7); `forward(images [B,C,H,W]) -> logits [B,n_classes,H,W]`."""
+
+    def __init__(self, cfg: UNetConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or UNetConfig()
+        w = self.cfg.base_width
+        self.inc = ConvBNReLU(self.cfg.in_channels, w)
+        self.down1 = Down(w, 2 * w)
+        self.down2 = Down(2 * w, 4 * w)
+        self.down3 = Down(4 * w, 8 * w)
+        self.down4 = Down(8 * w, 8 * w)
+        self.up4 = Up(8 * w, 8 * w, 4 * w)
+        self.up3 = Up(4 * w, 4 * w, 2 * w)
+        self.up2 = Up(2 * w, 2 * w, w)
+        self.up1 = Up(w, w, w)
+        self.outc = nn.Conv2d(w, self.cfg.n_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % 16, (-w) % 16
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        x5 = self.down4(x4)
+        y = self.up4(x5, x4)
+        y = self.up3(y, x3)
+        y = self.up2(y, x2)
+        y = self.up1(y, x1)
+        y = self.outc(y)
+        if pad_h or pad_w:
+            y = y[..., :h, :w]
+        return y
+
+    def num_parameters(self) -> int:
+        """Number of parameters (paper: 14,751,873 at base width 64)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, meta) for `dusss.engine.checkpoint.save_checkpoint(path, tensors, "segmentation", meta)`."""
+        return dict(self.state_dict()), {"unet": dataclasses.asdict(self.cfg)}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, prefix: str = "") -> UNet:
+        """Rebuild a U-Net from a "segmentation" checkpoint; `prefix` selects keys stored as `prefix.*`."""
+        from dusss.engine.checkpoint import load_checkpoint, load_state_into, unprefixed
+        from dusss.errors import CheckpointError
+
+        tensors, meta = load_checkpoint(path, CHECKPOINT_KIND)
+        if not isinstance(meta.get("unet"), dict):
+            raise CheckpointError(f"{path}: sidecar has no 'unet' config")
+        try:
+            cfg = UNetConfig(**meta["unet"])
+        except TypeError as exc:
+            raise CheckpointError(f"{path}: invalid 'unet' config in sidecar ({exc})") from None
+        model = cls(cfg)
+        load_state_into(model, unprefixed(prefix, tensors) if prefix else tensors, path)
+        return model

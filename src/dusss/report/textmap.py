@@ -1,0 +1,87 @@
+"""Text heat-maps (paper Fig. 5): the frozen VLM's text-guided mask for any prompt on one image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dusss.data.readers import read_image
+from dusss.engine.precision import resolve_device
+
+
+def load_text_mask_generator(vlm_path: str | Path, model_run: str | Path | None, device: torch.device):
+    """A TextMaskGenerator over the VLM; with a `dusss train` run, its trained grounding decoder is loaded."""
+    from dusss.engine.checkpoint import load_checkpoint
+    from dusss.methods.segmentation import SegMethodConfig
+    from dusss.models.grounding import TextMaskGenerator
+    from dusss.models.vlm import VisionLanguageModel
+
+    vlm = VisionLanguageModel.from_checkpoint(vlm_path).to(device)
+    gen = TextMaskGenerator(vlm, SegMethodConfig().text_mask).to(device)
+    if model_run is not None:
+        path = Path(model_run)
+        path = path / "text_mask.safetensors" if path.is_dir() else path
+        tensors, _ = load_checkpoint(path, "text_mask")
+        gen.load_trainable_state_dict(tensors)
+    return gen.eval()
+
+
+@torch.no_grad()
+def text_probability_maps(generator, image: np.ndarray, prompts: list[str], image_size: int) -> np.ndarray:
+    """σ(text logits) [P,H,W] at the image's resolution, one map per prompt."""
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
+    h, w = image.shape[:2]
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    device = next(generator.parameters()).device
+    logits = generator.text_logits(x.to(device), prompts)  # [P,1,S,S]
+    logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)[:, 0].cpu().numpy()
+
+
+def textmap_figure(vlm_path: str | Path, image_path: str | Path, prompts: list[str], out: str | Path,
+                   model_run: str | Path | None = None, device: str = "auto") -> Path:
+    """Write a PNG with the image and one heat-map panel per prompt."""
+    from dusss.engine.checkpoint import load_checkpoint
+    from dusss.report.figures import heatmap, save_png
+
+    dev = resolve_device(device)
+    _, meta = load_checkpoint(vlm_path, "vlm")
+    image = read_image(image_path)
+    gen = load_text_mask_generator(vlm_path, model_run, dev)
+    maps = text_probability_maps(gen, image, prompts, int(meta.get("image_size", 128)))
+    panels = [np.clip(image * 255, 0, 255).astype(np.uint8)] + [heatmap(image, m) for m in maps]
+    save_png(_titled_row(panels, ["image"] + prompts), out)
+    return Path(out)
+
+
+def _titled_row(panels: list[np.ndarray], titles: list[str]) -> np.ndarray:
+    """Panels side by side with titles (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4), squeeze=False)
+    for ax, panel, title in zip(axes[0], panels, titles):
+        ax.imshow(panel)
+        ax.set_title("\n".join(_wrap(title, 28)), fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return arr
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if len(cur) + len(w) + 1 > width and cur:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return lines + [cur] if cur else lines
