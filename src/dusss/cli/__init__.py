@@ -22,10 +22,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from dusss.cli import commands, data
+    from dusss.cli import commands, data, export
 
     app.add_typer(data.data_app, name="data")
     commands.register(app)
+    export.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

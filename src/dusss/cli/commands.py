@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., help="Manifest CSV."),
         split: str = typer.Option("test", help="train | val | test"),
         out: Optional[Path] = typer.Option(None, help="Folder for metrics.json / per_image.csv (default RUN/eval)."),
-        empty_policy: str = typer.Option("skip", help="Score of an image whose mask and prediction are both empty: skip | one | zero."),
+        empty_policy: str = typer.Option("skip", help="Images with an empty ground truth: skip (left out, counted) | one (1 if the prediction is empty too) | zero."),
         device: str = typer.Option("auto"),
     ) -> None:
         """Dice, mIoU and HD95 of the student (protocol in README)."""

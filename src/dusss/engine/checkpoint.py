@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from dusss import __version__
 from dusss.errors import CheckpointError
@@ -41,6 +41,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """UTF-8 `text` to `path`, atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -49,24 +50,62 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def _storage_safe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; those sharing storage (tied weights, views) are cloned.
+
+    safetensors refuses tensors that share memory, which tied weights (e.g. embeddings) do.
+    """
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        elif t.numel():
+            seen.add(ptr)
+        flat[k] = t
+    return flat
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> None:
     """Save `tensors` to `path` (.safetensors) and `meta` (+ kind, format, version) to the JSON sidecar.
 
     Both files are written atomically; the sidecar last, so a sidecar always describes a complete file.
+    The metadata is also embedded in the safetensors header: if a save is interrupted between the two
+    renames, `load_checkpoint` notices the stale sidecar and uses the embedded copy.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    flat = _storage_safe(tensors)
+    full_meta = {"format": FORMAT, "kind": kind, "dusss_version": __version__, **meta}
+    meta_json = json.dumps(full_meta, indent=2, default=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(flat, tmp, metadata={"format": FORMAT, "kind": kind})
+        save_file(flat, tmp, metadata={"format": FORMAT, "kind": kind, "meta": meta_json})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    full_meta = {"format": FORMAT, "kind": kind, "dusss_version": __version__, **meta}
-    atomic_write_text(sidecar_path(path), json.dumps(full_meta, indent=2, default=str))
+    atomic_write_text(sidecar_path(path), meta_json)
+
+
+def _prefer_embedded(sidecar: dict[str, Any], header: dict[str, str]) -> dict[str, Any]:
+    """The metadata embedded in the safetensors header when it disagrees with the sidecar.
+
+    They disagree only if a save was interrupted after the tensors' rename and before the sidecar's.
+    """
+    if header.get("format") != FORMAT or not header.get("meta"):
+        return sidecar  # written by an older version: the sidecar is all there is
+    try:
+        embedded = json.loads(header["meta"])
+    except json.JSONDecodeError:
+        return sidecar
+    return embedded if isinstance(embedded, dict) else sidecar
 
 
 def load_checkpoint(path: str | Path, kind: str | tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -82,24 +121,25 @@ def load_checkpoint(path: str | Path, kind: str | tuple[str, ...]) -> tuple[dict
         raise CheckpointError(f"{path}: no JSON sidecar {side.name}; not a dusss checkpoint")
     try:
         meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         raise CheckpointError(f"{side}: sidecar is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dusss checkpoint (sidecar has no format {FORMAT!r})")
-    if meta.get("kind") not in kinds:
-        raise CheckpointError(
-            f"{path}: is a {meta.get('kind')!r} checkpoint, expected {' or '.join(repr(k) for k in kinds)}"
-        )
     try:
-        tensors = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = _prefer_embedded(meta, fh.metadata() or {})
+            if meta.get("kind") not in kinds:
+                raise CheckpointError(
+                    f"{path}: is a {meta.get('kind')!r} checkpoint, expected {' or '.join(repr(k) for k in kinds)}"
+                )
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: cannot read safetensors file ({str(exc).splitlines()[0]})") from None
     return tensors, meta
 
 
 def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """`module.load_state_dict(state, strict=True)` with a one-line CheckpointError on mismatch."""
-    missing, unexpected = [], []
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

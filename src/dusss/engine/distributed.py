@@ -49,18 +49,35 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` [B,...] from all ranks along dim 0; gradients flow back to the local slice.
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and returns the local slice."""
 
-    The open_clip pattern: all_gather (no grad) and then put the local tensor (with grad) in its slot.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rank, ctx.n = rank(), x.shape[0]
+        gathered = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(gathered, x.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [B,...] from all ranks along dim 0, differentiably (the open_clip `gather_with_grad`).
+
+    Every rank computes the same loss over the gathered batch; the backward pass sums each slice's gradient
+    over ranks, so after averaging parameter gradients across ranks (DDP, or `sync_gradients`) the update
+    equals the single-process update on the global batch, for the encoders and for parameters applied after
+    the gather (the temperature) alike. Every rank must pass the same shape (equal per-rank batches).
     Under a single process this returns `x` itself.
     """
     if not is_distributed():
         return x
-    gathered = [torch.zeros_like(x) for _ in range(world_size())]
-    dist.all_gather(gathered, x.detach().contiguous())
-    gathered[rank()] = x
-    return torch.cat(gathered, dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
@@ -84,3 +101,19 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def sync_gradients(params: list[torch.nn.Parameter], average: bool = True) -> None:
+    """All-reduce the gradients of `params` over ranks (mean by default, as DDP does); no-op in one process.
+
+    Mean is right both for losses averaged over the local batch and for contrastive losses over features
+    gathered with `gather_with_grad`. Parameters without a gradient on this rank contribute zeros.
+    """
+    if not is_distributed():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        if average:
+            p.grad /= world_size()

@@ -32,7 +32,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "test", 
         raise DataError(data, f"split {split!r} has no rows with masks to evaluate against")
     loader = DataLoader(SegmentationDataset(labeled, int(meta["image_size"])), batch_size=batch_size, shuffle=False)
     threshold = float(meta.get("threshold", 0.5))
-    metrics = SegmentationMetrics(threshold=threshold, empty_policy=empty_policy, with_hd95=True)
+    metrics = SegmentationMetrics(threshold=threshold, empty_policy=empty_policy, compute_hd95=True)
     with torch.no_grad():
         for batch in loader:
             probs = torch.sigmoid(model(batch["image"].to(dev)).float()).cpu()
@@ -44,7 +44,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "test", 
     out_dir = Path(out) if out else (Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
-    rows = metrics.per_image()
+    rows = metrics.rows
     if rows:
         with open(out_dir / "per_image.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -121,12 +121,13 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
         if obj_params:
             params.append({"params": obj_params, "lr": cfg.lr})
     optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    trainable = [p for group in params for p in group["params"]]
     steps_per_epoch = max(1, len(loader))
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_fraction * total_steps)
 
     state_path = run / "state.safetensors"
-    logger = MetricsLogger(run) if dist.is_main() else None
+    logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step = 0, 0
     if resume and state_path.is_file():
         modules, otensors, _, meta = load_train_state(state_path)
@@ -156,6 +157,7 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
             check_finite(loss, step, ckpt if ckpt.exists() else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.sync_gradients(trainable, average=True)
             optimizer.step()
             vlm.update_momentum()
             step += 1

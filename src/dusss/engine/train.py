@@ -116,7 +116,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, device: torch.device, p
     """Per-image mean Dice / IoU of the model on a loader with masks."""
     was = model.training
     model.eval()
-    metrics = SegmentationMetrics(threshold=threshold)
+    metrics = SegmentationMetrics(threshold=threshold, compute_hd95=False)
     for batch in loader:
         with autocast_context(device, precision):
             logits = model(batch["image"].to(device))
@@ -132,7 +132,7 @@ def pseudo_label_dice(method: Any, loader: DataLoader, device: torch.device, thr
     for batch in loader:
         labels = method.pseudo_labels(batch["image"].to(device), list(batch["text"]))
         for name, logits in labels.items():
-            accs.setdefault(name, SegmentationMetrics(threshold=threshold)).update(
+            accs.setdefault(name, SegmentationMetrics(threshold=threshold, compute_hd95=False)).update(
                 torch.sigmoid(logits.float()).cpu(), batch["mask"], list(batch["key"]))
     return {f"pseudo/{name}_dice": m.compute()["dice"] for name, m in accs.items()}
 
@@ -165,7 +165,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
 
         vlm = VisionLanguageModel.from_checkpoint(cfg.vlm).to(device)
     method = build_seg_method(cfg.method, cfg.semi, student, vlm)
-    method.to(device) if hasattr(method, "to") else None
+    method.to(device)
     uses_unlabeled = method.uses_unlabeled and bool(parts["unlabeled"])
 
     bs_l = cfg.batch_size
@@ -184,11 +184,15 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     unl_sampler = EpochSampler(n_unl, seed=cfg.seed + 1, shuffle=True) if n_unl else None
 
     params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # No weight decay on scalars, biases and norm parameters (gates, kappa/beta, temperatures).
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ], lr=cfg.lr)
 
     state_path = run / "state.safetensors"
     best_path = run / "model.safetensors"
-    logger = MetricsLogger(run) if dist.is_main() else None
+    logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step, best_dice, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
     if resume and state_path.is_file():
         modules, otensors, _, meta = load_train_state(state_path)
@@ -235,6 +239,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
             check_finite(loss, step, best_path if best_path.exists() else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.sync_gradients(params, average=True)
             optimizer.step()
             method.after_step(step)
             step += 1

@@ -1,0 +1,249 @@
+"""Image and mask readers, chosen by file extension through a small registry.
+
+A reader takes `(path, index)` and returns the raw array (H,W) or (H,W,C) in its stored dtype; `index`
+is the slice/frame requested with a `#slice=N` suffix (`scan.nii.gz#slice=12`), None for the default
+(the middle slice of a volume). Each reader is registered with a scaling policy used by `read_image`:
+``"dtype"`` divides integers by their dtype's maximum (8-bit /255, 16-bit /65535; photographs),
+``"minmax"`` maps the image's own min..max to 0..1 (NIfTI, DICOM: CT/MR intensities have no fixed range).
+Float images already inside [0,1] are kept as they are under both policies.
+
+NIfTI arrays are used as stored (axis 0 = image rows), so an array saved with nibabel reads back
+unchanged. NIfTI needs `nibabel`, DICOM `pydicom` (`pip install dusss[medical]`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dusss.errors import DataError
+
+ReaderFn = Callable[[Path, "int | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: ReaderFn
+    scale: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_reader(exts: Iterable[str], fn: ReaderFn, scale: str = "dtype") -> None:
+    """Register `fn(path, index) -> raw array` for extensions like ".png" or ".nii.gz"."""
+    if scale not in ("dtype", "minmax"):
+        raise ValueError(f"scale must be 'dtype' or 'minmax', got {scale!r}")
+    for ext in exts:
+        e = ext.lower() if ext.startswith(".") else "." + ext.lower()
+        _REGISTRY[e] = _Entry(fn, scale)
+
+
+def known_extensions() -> list[str]:
+    """Registered extensions, sorted."""
+    return sorted(_REGISTRY)
+
+
+def split_path(path: str | Path) -> tuple[Path, int | None]:
+    """Split `file.nii.gz#slice=12` into (file, 12); a path without suffix gives (path, None)."""
+    s = str(path)
+    if "#" not in s:
+        return Path(s), None
+    file_part, _, frag = s.rpartition("#")
+    key, _, value = frag.partition("=")
+    if key.strip() != "slice" or not value.strip().lstrip("-").isdigit():
+        raise DataError(file_part, f"bad suffix '#{frag}' (expected '#slice=N')")
+    return Path(file_part), int(value)
+
+
+def _extension(path: Path) -> str:
+    name = path.name.lower()
+    for ext in sorted(_REGISTRY, key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    return path.suffix.lower()
+
+
+def _read_raw(path: str | Path) -> tuple[np.ndarray, str, Path]:
+    file, index = split_path(path)
+    ext = _extension(file)
+    entry = _REGISTRY.get(ext)
+    if entry is None:
+        shown = ext or "(none)"
+        raise DataError(file, f"unknown image extension {shown} (known: {', '.join(known_extensions())})")
+    if not file.exists():
+        raise DataError(file, "file not found")
+    if not file.is_file():
+        raise DataError(file, "not a file")
+    if file.stat().st_size == 0:
+        raise DataError(file, "file is empty (0 bytes)")
+    try:
+        arr = np.asarray(entry.fn(file, index))
+    except DataError:
+        raise
+    except ImportError as exc:
+        raise DataError(file, f"cannot read this format: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt file for the user
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(file, f"cannot decode image ({detail})") from None
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or min(arr.shape[:2]) < 1:
+        raise DataError(file, f"unsupported array shape {tuple(arr.shape)} (expected HxW or HxWx3/4)")
+    return arr, entry.scale, file
+
+
+def _to_unit(arr: np.ndarray, scale: str) -> np.ndarray:
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.floating):
+        a = arr.astype(np.float32)
+        if not np.isfinite(a).all():
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            return a
+        return _minmax(a)
+    if scale == "dtype" and arr.dtype in (np.uint8, np.uint16):
+        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+    return _minmax(arr.astype(np.float32))
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros_like(a, dtype=np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image as float32 [H,W,3] in [0,1] (gray repeated, alpha dropped); DataError if unusable."""
+    arr, scale, _ = _read_raw(path)
+    if arr.ndim == 3:
+        arr = arr[:, :, :3]
+    out = _to_unit(arr, scale)
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def _fmt_values(values: np.ndarray) -> str:
+    shown = [str(int(v)) if float(v).is_integer() else f"{float(v):g}" for v in values[:6]]
+    more = f", ... ({len(values)} distinct)" if len(values) > 6 else ""
+    return "{" + ", ".join(shown) + more + "}"
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Decode a binary mask as uint8 [H,W] in {0,1}; values must be a subset of {0,1} or of {0,255}."""
+    arr, _, file = _read_raw(path)
+    if arr.ndim == 3:
+        rgb = arr[:, :, :3]
+        if not (np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])):
+            raise DataError(file, "mask is not binary: its colour channels differ (save it as grayscale)")
+        arr = rgb[:, :, 0]
+    values = np.unique(arr)
+    if values.size and values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise DataError(file, "mask is not binary: it contains NaN or infinite values")
+    vset = {float(v) for v in values}
+    if vset <= {0.0, 1.0}:
+        return (arr != 0).astype(np.uint8)
+    if vset <= {0.0, 255.0}:
+        return (arr != 0).astype(np.uint8)
+    hint = " (lossy JPEG masks are never binary; use PNG)" if file.suffix.lower() in (".jpg", ".jpeg") else ""
+    raise DataError(file, f"mask is not binary: values {_fmt_values(values)}{hint}")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file, decoding it."""
+    arr, _, _ = _read_raw(path)
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
+# ---- built-in readers ---------------------------------------------------------------------------------
+
+
+def _read_pillow(path: Path, index: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if index is not None:
+            img.seek(index)
+        img.load()
+        mode = img.mode
+        if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            return np.asarray(img).astype(np.uint16)
+        if mode == "I":
+            a = np.asarray(img)
+            if a.size and a.min() >= 0 and a.max() <= 65535:
+                return a.astype(np.uint16)
+            return a
+        if mode == "F":
+            return np.asarray(img, dtype=np.float32)
+        if mode in ("L", "RGB", "RGBA"):
+            return np.asarray(img)
+        if mode == "1":
+            return np.asarray(img.convert("L"))
+        if mode == "LA":
+            return np.asarray(img.convert("L"))
+        if mode == "P":
+            converted = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            return np.asarray(converted)
+        return np.asarray(img.convert("RGB"))
+
+
+def _pick_slice(data: np.ndarray, index: int | None, path: Path) -> np.ndarray:
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        if index not in (None, 0):
+            raise DataError(path, f"slice {index} requested but the image is 2-D")
+        return data
+    if data.ndim != 3:
+        raise DataError(path, f"unsupported {data.ndim}-D volume of shape {tuple(data.shape)}")
+    n = data.shape[2]
+    i = n // 2 if index is None else index
+    if not 0 <= i < n:
+        raise DataError(path, f"slice {index} out of range (the volume has {n} slices)")
+    return data[:, :, i]
+
+
+def _read_nifti(path: Path, index: int | None) -> np.ndarray:
+    try:
+        import nibabel
+    except ImportError:
+        raise DataError(path, "reading NIfTI needs nibabel: pip install 'dusss[medical]'") from None
+    img = nibabel.load(str(path))
+    return np.asarray(_pick_slice(np.asanyarray(img.dataobj), index, path))
+
+
+def _read_dicom(path: Path, index: int | None) -> np.ndarray:
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(path, "reading DICOM needs pydicom: pip install 'dusss[medical]'") from None
+    ds = pydicom.dcmread(str(path))
+    arr = np.asarray(ds.pixel_array)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        i = frames // 2 if index is None else index
+        if not 0 <= i < frames:
+            raise DataError(path, f"frame {index} out of range (the file has {frames} frames)")
+        arr = arr[i]
+    elif index not in (None, 0):
+        raise DataError(path, f"frame {index} requested but the file has one frame")
+    if samples == 1:
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        if slope != 1 or intercept != 0:
+            arr = arr.astype(np.float64) * slope + intercept
+        if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+            arr = arr.max() - arr
+    return arr
+
+
+register_reader([".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"], _read_pillow, scale="dtype")
+register_reader([".nii", ".nii.gz"], _read_nifti, scale="minmax")
+register_reader([".dcm"], _read_dicom, scale="minmax")

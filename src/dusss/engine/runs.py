@@ -1,0 +1,279 @@
+"""Run folders: overwrite guard, resolved config, software versions, run record, split copy.
+
+A run folder is marked by `run.json` (kind, creation time, command line, history of entries).
+`prepare_run_dir` decides what may happen to a folder before any work starts:
+
+| folder holds                                 | no flag      | `resume`       | `overwrite`          |
+|----------------------------------------------|--------------|----------------|----------------------|
+| nothing (missing or empty)                   | new run      | new run        | new run              |
+| a run of the same kind and the same config   | re-entered   | resumed        | cleared, new run     |
+| a run of the same kind, another config       | DusssError   | resumed (*)    | cleared, new run     |
+| a run of another kind                        | DusssError   | DusssError     | cleared, new run     |
+| other files but no run.json                  | DusssError   | DusssError     | written into (**)    |
+
+Re-entering (same kind, same config, no flag) starts the same run over in place: the config, versions
+and run record are rewritten, nothing else is deleted; the caller starts fresh (e.g. a fresh
+`MetricsLogger`) and its files replace the old ones as they are written. (*) Resuming with a changed
+config is allowed (e.g. more epochs): the changed keys are recorded in run.json and a warning is shown.
+(**) Without run.json the folder is not known to be ours, so nothing in it is deleted.
+"Clearing" removes everything inside a folder that holds run.json.
+
+Only rank 0 writes; every rank reads and takes the same decision, so errors are raised on all ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dusss.engine.checkpoint import atomic_write_text
+from dusss.engine.distributed import barrier, is_main
+from dusss.errors import DataError, DusssError
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+VERSIONS_FILE = "versions.json"
+SPLIT_FILE = "split.json"
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses, Paths, tuples, numpy scalars → plain YAML/JSON values (dicts, lists, str, numbers)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, bool):
+        return value
+    for tp in (int, float, str):  # also numpy subclasses (np.float64 is a float) → exact builtins
+        if isinstance(value, tp):
+            return tp(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two (nested) config dicts, as 'key: old -> new'."""
+    a, b = _flatten(plain(old)), _flatten(plain(new))
+    skip = tuple(ignore)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(s + ".") for s in skip):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return diffs
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _command_line() -> str:
+    return shlex.join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]])
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _git_commit() -> dict[str, Any] | None:
+    """Commit of the git checkout that holds the dusss sources, or None (no git, not a checkout)."""
+    pkg = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True,
+                                 timeout=5, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    # the sources must be tracked there (not a wheel installed inside some other repository)
+    if not commit or git("ls-files", "--error-unmatch", "__init__.py") is None:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_versions() -> dict[str, Any]:
+    """Python, library, platform and device versions, plus the git commit when available."""
+    import numpy
+    import torch
+
+    from dusss import __version__
+
+    device: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cuda": None}
+    if torch.cuda.is_available():
+        device["cuda"] = {
+            "runtime": torch.version.cuda,
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        }
+    return {
+        "dusss": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "transformers": _package_version("transformers"),
+        "safetensors": _package_version("safetensors"),
+        "platform": platform.platform(),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "git": _git_commit(),
+    }
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
+def _clear(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def prepare_run_dir(
+    out: str | Path,
+    config: Mapping[str, Any] | Any,
+    overwrite: bool = False,
+    resume: bool = False,
+    kind: str = "train",
+    ignore: Iterable[str] = (),
+) -> Path:
+    """Create or re-open run folder `out` for a run of `kind` with resolved `config` (dict or dataclass).
+
+    Applies the guard in the module docstring (a different run → one-line DusssError), then rank 0 writes
+    config.yaml, versions.json and run.json. `ignore` lists dotted config keys that do not make a run
+    different (e.g. "device", "progress"). Returns the folder.
+
+    Under torchrun call it on every rank: it synchronises them with two barriers.
+    """
+    out = Path(out)
+    cfg = plain(config)
+    if not isinstance(cfg, dict):
+        raise TypeError("config must be a mapping or a dataclass")
+    if out.exists() and not out.is_dir():
+        raise DusssError(f"{out}: exists and is not a folder")
+
+    # --- decide (every rank, read-only) ---
+    record = _read_json(out / RUN_FILE) if (out / RUN_FILE).is_file() else None
+    if (out / RUN_FILE).is_file() and not isinstance(record, dict):
+        record = {"kind": None}  # unreadable run.json: still a run folder
+    event = "created"
+    changed: list[str] = []
+    if record is not None:
+        old_kind = record.get("kind")
+        try:
+            old_cfg = yaml.safe_load((out / CONFIG_FILE).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            old_cfg = None
+        changed = config_diff(old_cfg or {}, cfg, ignore) if isinstance(old_cfg, dict) else ["<config missing>"]
+        if overwrite:
+            event = "overwritten"
+        elif old_kind != kind:
+            if resume:
+                raise DusssError(f"{out}: holds a {old_kind!r} run, cannot resume it as {kind!r}; "
+                                 "pass --overwrite or choose another output folder")
+            raise DusssError(f"{out}: already holds a run (of kind {old_kind!r}); pass --overwrite or --resume")
+        elif resume:
+            event = "resumed"
+        elif changed:
+            raise DusssError(f"{out}: already holds a run (config differs: {changed[0]}"
+                             f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); "
+                             "pass --overwrite or --resume")
+        else:
+            event = "reentered"
+    elif out.is_dir() and _visible_entries(out) and not overwrite:
+        raise DusssError(f"{out}: folder is not empty and holds no dusss run; "
+                         "pass --overwrite to write into it or choose another output folder")
+    barrier()  # every rank has read before rank 0 writes
+
+    # --- write (rank 0) ---
+    if is_main():
+        if event == "overwritten":
+            _clear(out)
+        out.mkdir(parents=True, exist_ok=True)
+        now, cmd = _now(), _command_line()
+        entry: dict[str, Any] = {"event": event, "time": now, "command": cmd}
+        if event == "resumed" and changed:
+            entry["config_changes"] = changed
+            warnings.warn(f"{out}: resuming with a changed config: {'; '.join(changed[:5])}", stacklevel=2)
+        if record is None or event == "overwritten":
+            new_record: dict[str, Any] = {"kind": kind, "created": now, "command": cmd, "history": [entry]}
+        else:
+            new_record = {**record, "kind": kind}
+            new_record["history"] = [*record.get("history", []), entry]
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(out / VERSIONS_FILE, json.dumps(collect_versions(), indent=2))
+        atomic_write_text(out / RUN_FILE, json.dumps(new_record, indent=2))
+    barrier()
+    return out
+
+
+def read_run(run: str | Path) -> dict[str, Any] | None:
+    """The run record of folder `run` (its run.json), or None if it holds no run."""
+    path = Path(run) / RUN_FILE
+    data = _read_json(path) if path.is_file() else None
+    return data if isinstance(data, dict) else None
+
+
+def copy_split(split_path: str | Path, run: str | Path) -> Path:
+    """Copy the split file into the run folder as split.json; returns the copy's path.
+
+    Only rank 0 writes; no collective op, so it may be called on rank 0 alone or on every rank.
+    """
+    src, dst = Path(split_path), Path(run) / SPLIT_FILE
+    if not src.is_file():
+        raise DataError(src, "split file not found")
+    if is_main():
+        try:
+            text = src.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(src, f"cannot read split file ({exc.__class__.__name__})") from None
+        if src.resolve() != dst.resolve():
+            atomic_write_text(dst, text)
+    return dst

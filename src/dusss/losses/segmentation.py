@@ -1,0 +1,137 @@
+"""Step-2 segmentation losses (paper eqs 15-18), written on logits (METHOD §3.7, "Recommendation").
+
+* `dice_loss`: soft Dice per image, `1 − (2Σpt + s)/(Σp + Σt + s)` with p = σ(logits), linear (not squared)
+  denominators and smooth s = 1 (so an empty target with a near-empty prediction costs little).
+* `soft_bce`: binary cross-entropy with logits against soft targets in [0, 1], mean over pixels per image.
+* `seg_loss`: ℓ of eqs 15-17; `"dice_bce"` = 0.5·Dice + 0.5·BCE (default, the authors' 0.5/0.5 mix) or `"bce"`.
+* `merge_logits`: eq 16's merged pseudo-label on logits, z_t + z_text, so that σ(z_t + z_text) is the product
+  of the two experts and can go below 0.5 (METHOD §7.2 S3). `mode="prob"` reproduces the released code's
+  probability-space merge σ(σ(z_t) + σ(z_text)), which is ≥ 0.5 everywhere, for ablations only.
+* `semi_loss`: L_semi = ½(L_semi^merged + L_semi^text) (eqs 16-18) with detached targets.
+* `consistency_loss`: Mean-Teacher consistency to the teacher's soft prediction (the `mt` baseline).
+
+Every per-image loss accepts `reduction="none"` (returns `[B]`) so that callers can mask images.
+All losses compute in float32, also under autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SEG_LOSS_KINDS = ("dice_bce", "bce")
+MERGE_MODES = ("logit", "prob")
+CONSISTENCY_KINDS = ("bce", "mse")
+
+
+def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_image.mean()
+    if reduction == "none":
+        return per_image
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def _check_shapes(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+
+
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Soft Dice loss per image: 1 − (2Σ σ(z)·t + s)/(Σ σ(z) + Σ t + s), s = `smooth` = 1; mean over images.
+
+    `target` may be soft (in [0, 1]). Sums run over every non-batch dimension.
+    """
+    _check_shapes(logits, target)
+    p = torch.sigmoid(logits.float()).flatten(1)
+    t = target.float().flatten(1)
+    inter = (p * t).sum(1)
+    dice = (2.0 * inter + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return _reduce(1.0 - dice, reduction)
+
+
+def soft_bce(logits: torch.Tensor, target_prob: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Binary cross-entropy of σ(logits) against soft targets in [0, 1] (ℓ_ce of eqs 15-17), mean per image."""
+    _check_shapes(logits, target_prob)
+    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), target_prob.float(), reduction="none")
+    return _reduce(per_pixel.flatten(1).mean(1), reduction)
+
+
+def seg_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    kind: str = "dice_bce",
+    reduction: str = "mean",
+    dice_weight: float = 0.5,
+) -> torch.Tensor:
+    """ℓ of eqs 15-17: `"dice_bce"` = dice_weight·Dice + (1 − dice_weight)·BCE (0.5/0.5), or `"bce"`."""
+    if kind == "bce":
+        return soft_bce(logits, target, reduction)
+    if kind == "dice_bce":
+        return dice_weight * dice_loss(logits, target, reduction=reduction) + (1.0 - dice_weight) * soft_bce(
+            logits, target, reduction
+        )
+    raise ValueError(f"seg loss kind must be one of {list(SEG_LOSS_KINDS)}, got {kind!r}")
+
+
+def merge_logits(teacher_logits: torch.Tensor, text_logits: torch.Tensor, mode: str = "logit") -> torch.Tensor:
+    """Logits of eq 16's merged pseudo-label: z_t + z_text, so that q = σ(z_t + z_text).
+
+    `mode="prob"` (repro of the released code, METHOD §7.2 S3) returns σ(z_t) + σ(z_text) instead, so that
+    σ(merged) = σ(p_t + p_text) ∈ [0.5, 0.881]: a near-constant target, for ablations only.
+    """
+    if teacher_logits.shape != text_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} and text logits {tuple(text_logits.shape)} differ"
+        )
+    if mode == "logit":
+        return teacher_logits + text_logits
+    if mode == "prob":
+        return torch.sigmoid(teacher_logits) + torch.sigmoid(text_logits)
+    raise ValueError(f"merge mode must be one of {list(MERGE_MODES)}, got {mode!r}")
+
+
+def semi_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    text_logits: torch.Tensor,
+    kind: str = "bce",
+    use_text_term: bool = True,
+    merge: str = "logit",
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_semi of eqs 16-18 on the unlabeled student logits z_s; targets are detached.
+
+    L_merged = ℓ(z_s, σ(z_t + z_text)) (eq 16), L_text = ℓ(z_s, σ(z_text)) (eq 17),
+    L_semi = ½(L_merged + L_text) (eq 18), or L_merged alone when `use_text_term` is False.
+    Returns (L_semi, parts) with detached parts `merged`, `text` (when used) and `semi`.
+    """
+    teacher_logits = teacher_logits.detach().float()
+    text_logits = text_logits.detach().float()
+    q_merged = torch.sigmoid(merge_logits(teacher_logits, text_logits, merge))
+    l_merged = seg_loss(student_logits, q_merged, kind, reduction)
+    parts: dict[str, torch.Tensor] = {"merged": l_merged.detach()}
+    if use_text_term:
+        l_text = seg_loss(student_logits, torch.sigmoid(text_logits), kind, reduction)
+        parts["text"] = l_text.detach()
+        l_semi = 0.5 * (l_merged + l_text)
+    else:
+        l_semi = l_merged
+    parts["semi"] = l_semi.detach()
+    return l_semi, parts
+
+
+def consistency_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "bce", reduction: str = "mean"
+) -> torch.Tensor:
+    """Mean-Teacher consistency: BCE(z_s, σ(z_t)) on soft targets (default) or MSE(σ(z_s), σ(z_t)); detached."""
+    target = torch.sigmoid(teacher_logits.detach().float())
+    if kind == "bce":
+        return soft_bce(student_logits, target, reduction)
+    if kind == "mse":
+        _check_shapes(student_logits, target)
+        per_pixel = (torch.sigmoid(student_logits.float()) - target) ** 2
+        return _reduce(per_pixel.flatten(1).mean(1), reduction)
+    raise ValueError(f"consistency kind must be one of {list(CONSISTENCY_KINDS)}, got {kind!r}")

@@ -1,0 +1,437 @@
+"""Step-2 methods by name: how a (labeled, unlabeled) batch pair becomes a loss (paper eqs 13-18).
+
+A method owns the student (given), its EMA teacher and, for the text-guided methods, the text-mask generator
+around the frozen VLM. The training loop only calls `parameters()`, `loss(...)`, `after_step(step)`,
+`pseudo_labels(...)`, `train()/eval()` and `state_dict()/load_state_dict()`; it never knows which method runs.
+
+* `supervised`: L_sup (eq 15) on the labeled images only.
+* `mt`: L_sup + λ(t)·consistency, the consistency being BCE of the student's unlabeled logits against the
+  teacher's soft prediction σ(z_t) (detached; `consistency="mse"` gives the classic MSE on probabilities).
+* `dusss` / `amvlm` (identical Step 2; AMVLM differs only in the VLM): L_sup + λ(t)·L_semi (eqs 14-18, logit-space
+  merge, targets detached, so no gradient from L_semi reaches the teacher, f_g or κ/β) + tg_weight·L_tg (eq 12,
+  trains f_g, κ_m, β_m and the L_tg scale only) + text_supervised_weight·BCE(z_text, y) on the labeled images
+  (trains f_g and κ, β: "trained with L_tg and with the labeled masks").
+
+λ(t) = consistency_weight · exp(−5(1 − min(t/T_r, 1))²), T_r = rampup_fraction · total_steps (0 → constant).
+The teacher sees the same unlabeled tensor as the student (the authors' setting), plus Gaussian noise of
+std `teacher_noise` when that is > 0. Batches are dicts `{"image", "mask", "has_mask", "text", "key"}`.
+When a method that uses unlabeled data gets `unlabeled=None`, only the labeled terms are computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dusss.config import check
+from dusss.errors import CheckpointError, ConfigError
+from dusss.losses.segmentation import consistency_loss, merge_logits, seg_loss, semi_loss, soft_bce
+from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
+from dusss.models.grounding import TextMaskConfig, TextMaskGenerator
+
+__all__ = [
+    "SEG_METHODS",
+    "AMVLMMethod",
+    "DuSSSMethod",
+    "MeanTeacherMethod",
+    "SegMethod",
+    "SegMethodConfig",
+    "SupervisedMethod",
+    "build_seg_method",
+    "consistency_lambda",
+    "register_seg_method",
+    "sigmoid_rampup",
+]
+
+
+@dataclass
+class SegMethodConfig:
+    """Step-2 method settings (defaults: METHOD §3.7 recommendations; the paper gives no weights)."""
+
+    consistency_weight: float = 1.0  # λ_max
+    rampup_fraction: float = 0.4  # T_r as a fraction of all optimizer steps; 0 = no ramp-up (the code)
+    ema_decay: float = 0.99  # α of eq 13 (warm-up min(1 − 1/(t+1), α))
+    ema_buffers: Literal["copy", "ema"] = "copy"  # BN running stats copied from the student, or EMA'd
+    seg_loss: Literal["dice_bce", "bce"] = "dice_bce"  # L_sup (eq 15)
+    semi_loss: Literal["bce", "dice_bce"] = "bce"  # ℓ of eqs 16-17
+    consistency: Literal["bce", "mse"] = "bce"  # mt consistency
+    text_term: bool = True  # eq 17 (L_semi^text); False → L_semi = L_semi^merged
+    merge: Literal["logit", "prob"] = "logit"  # "prob" = repro of the code's probability-space merge (S3)
+    tg_weight: float = 1.0  # L_tg (eq 12)
+    text_supervised_weight: float = 1.0  # BCE(z_text, y) on labeled images
+    teacher_noise: float = 0.0  # std of Gaussian noise on the teacher's input (0 = same tensor)
+    text_mask: TextMaskConfig = field(default_factory=TextMaskConfig)
+
+    def __post_init__(self) -> None:
+        check(self.consistency_weight >= 0, f"consistency_weight must be >= 0, got {self.consistency_weight}")
+        check(0 <= self.rampup_fraction <= 1, f"rampup_fraction must be in [0, 1], got {self.rampup_fraction}")
+        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check(self.ema_buffers in ("copy", "ema"), f"ema_buffers must be copy or ema, got {self.ema_buffers!r}")
+        check(self.seg_loss in ("dice_bce", "bce"), f"seg_loss must be dice_bce or bce, got {self.seg_loss!r}")
+        check(self.semi_loss in ("dice_bce", "bce"), f"semi_loss must be dice_bce or bce, got {self.semi_loss!r}")
+        check(self.consistency in ("bce", "mse"), f"consistency must be bce or mse, got {self.consistency!r}")
+        check(self.merge in ("logit", "prob"), f"merge must be logit or prob, got {self.merge!r}")
+        check(self.tg_weight >= 0, f"tg_weight must be >= 0, got {self.tg_weight}")
+        check(
+            self.text_supervised_weight >= 0,
+            f"text_supervised_weight must be >= 0, got {self.text_supervised_weight}",
+        )
+        check(self.teacher_noise >= 0, f"teacher_noise must be >= 0, got {self.teacher_noise}")
+
+
+SEG_METHODS: dict[str, type[SegMethod]] = {}
+
+
+def register_seg_method(name: str) -> Callable[[type[SegMethod]], type[SegMethod]]:
+    """Class decorator: register a `SegMethod` subclass under `name` in `SEG_METHODS`."""
+
+    def deco(cls: type[SegMethod]) -> type[SegMethod]:
+        if name in SEG_METHODS:
+            raise ValueError(f"segmentation method {name!r} is already registered")
+        cls.name = name
+        SEG_METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def consistency_lambda(cfg: SegMethodConfig, step: int, total_steps: int) -> float:
+    """λ(t) = consistency_weight · sigmoid_rampup(t, rampup_fraction · total_steps)."""
+    return cfg.consistency_weight * sigmoid_rampup(step, cfg.rampup_fraction * max(total_steps, 0))
+
+
+def _masked_mean(per_image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of per-image losses over images with weight 1 (0 with an intact graph if there are none)."""
+    w = weights.to(per_image.dtype)
+    return (per_image * w).sum() / w.sum().clamp_min(1.0)
+
+
+class SegMethod:
+    """Base class: the supervised part and the shared plumbing. Subclasses override `loss` and friends."""
+
+    name: str = ""
+    needs_vlm: bool = False
+    uses_unlabeled: bool = False
+
+    def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
+        self.cfg = cfg
+        self.student = student
+        self.vlm = vlm
+        self.teacher: EMATeacher | None = None
+        self.text_mask: TextMaskGenerator | None = None
+
+    # -- plumbing --------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for p in self.student.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def modules_to_train(self) -> list[nn.Module]:
+        """Modules whose trainable parameters the optimizer gets (student, text-mask generator)."""
+        mods: list[nn.Module] = [self.student]
+        if self.text_mask is not None:
+            mods.append(self.text_mask)
+        return mods
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters to optimise: the student's and the text-mask generator's trainables (no teacher, no VLM)."""
+        seen: set[int] = set()
+        out: list[nn.Parameter] = []
+        params = list(self.student.parameters())
+        if self.text_mask is not None:
+            params += self.text_mask.trainable_parameters()
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def train(self, mode: bool = True) -> SegMethod:
+        """Student and f_g in train mode; the teacher and the VLM always stay in eval mode."""
+        self.student.train(mode)
+        if self.text_mask is not None:
+            self.text_mask.train(mode)
+        if self.teacher is not None:
+            self.teacher.module.eval()
+        return self
+
+    def eval(self) -> SegMethod:
+        return self.train(False)
+
+    def to(self, device: torch.device | str) -> SegMethod:
+        self.student.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+        if self.text_mask is not None:
+            self.text_mask.to(device)
+        return self
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step `step` (0-based): the EMA teacher update (eq 13) where there is one."""
+        if self.teacher is not None:
+            self.teacher.update(self.student, step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Method state for resuming: `teacher.*` and `text_mask.*` (trainables only); the student is not in it."""
+        state: dict[str, torch.Tensor] = {}
+        if self.teacher is not None:
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if self.text_mask is not None:
+            state.update({f"text_mask.{k}": v for k, v in self.text_mask.trainable_state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `state_dict`; raises CheckpointError on missing or unexpected keys."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+        if missing or unexpected or shape:
+            raise CheckpointError(
+                f"method state for {self.name!r} does not match: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(shape)} with another shape"
+                + (f" (e.g. {(missing + unexpected + shape)[0]})" if missing or unexpected or shape else "")
+            )
+        if self.teacher is not None:
+            self.teacher.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("teacher.")})
+        if self.text_mask is not None:
+            self.text_mask.load_trainable_state_dict(
+                {k[10:]: v for k, v in state.items() if k.startswith("text_mask.")}
+            )
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def _unpack(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[str]]:
+        dev = self.device
+        images = batch["image"].to(dev, non_blocking=True)
+        mask = batch.get("mask")
+        mask = mask.to(dev, non_blocking=True) if isinstance(mask, torch.Tensor) else None
+        has = batch.get("has_mask")
+        if has is None:
+            has_t = torch.full((images.shape[0],), mask is not None, dtype=torch.bool, device=dev)
+        else:
+            has_t = torch.as_tensor(has, dtype=torch.bool).to(dev).reshape(-1)
+        if mask is None:
+            has_t = torch.zeros_like(has_t)
+        texts = batch.get("text")
+        texts = [texts] if isinstance(texts, str) else list(texts) if texts is not None else [""] * len(images)
+        return images, mask, has_t, texts
+
+    def _student_forward(
+        self, x_l: torch.Tensor, x_u: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Student logits for labeled and unlabeled images; one forward over the concatenation when possible."""
+        if x_u is None:
+            return self.student(x_l), None
+        if x_l.shape[1:] == x_u.shape[1:]:
+            z = self.student(torch.cat([x_l, x_u], dim=0))
+            return z[: x_l.shape[0]], z[x_l.shape[0] :]
+        return self.student(x_l), self.student(x_u)
+
+    def _sup_loss(self, z_l: torch.Tensor, y: torch.Tensor | None, has: torch.Tensor) -> torch.Tensor:
+        """L_sup (eq 15): seg_loss over the labeled images that have a mask."""
+        if y is None:
+            return z_l.sum() * 0.0
+        return _masked_mean(seg_loss(z_l, y, self.cfg.seg_loss, reduction="none"), has)
+
+    def _teacher_logits(self, x_u: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        if self.cfg.teacher_noise > 0:
+            x_u = x_u + self.cfg.teacher_noise * torch.randn_like(x_u)
+        return self.teacher(x_u)
+
+    @torch.no_grad()
+    def _student_eval(self, images: torch.Tensor) -> torch.Tensor:
+        """Student logits in eval mode (BN running statistics untouched), restoring the previous mode."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return self.student(images.to(self.device))
+        finally:
+            self.student.train(was_training)
+
+    @staticmethod
+    def _floats(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        keys = list(logs)
+        vals = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32).detach().cpu() for k in keys]).tolist()
+        return dict(zip(keys, vals))
+
+    # -- interface -------------------------------------------------------------------------------------------
+    def loss(
+        self,
+        labeled: dict[str, Any],
+        unlabeled: dict[str, Any] | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def pseudo_labels(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Logits the method would use as targets for `images`; always includes the student's (`student`)."""
+        return {"student": self._student_eval(images)}
+
+
+@register_seg_method("supervised")
+class SupervisedMethod(SegMethod):
+    """L_sup (eq 15) on labeled images only (the lower bound; with 100 % labels, the upper bound)."""
+
+    def loss(
+        self,
+        labeled: dict[str, Any],
+        unlabeled: dict[str, Any] | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x_l, y_l, has_l, _ = self._unpack(labeled)
+        l_sup = self._sup_loss(self.student(x_l), y_l, has_l)
+        return l_sup, self._floats({"loss": l_sup, "sup": l_sup})
+
+
+@register_seg_method("mt")
+class MeanTeacherMethod(SegMethod):
+    """Mean Teacher: L_sup + λ(t)·BCE(z_s^u, σ(z_t)) with the EMA teacher of eq 13."""
+
+    uses_unlabeled = True
+
+    def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
+        super().__init__(cfg, student, vlm)
+        self.teacher = EMATeacher(unwrap(student), cfg.ema_decay, cfg.ema_buffers)
+
+    def loss(
+        self,
+        labeled: dict[str, Any],
+        unlabeled: dict[str, Any] | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x_l, y_l, has_l, _ = self._unpack(labeled)
+        x_u = self._unpack(unlabeled)[0] if unlabeled is not None else None
+        z_l, z_u = self._student_forward(x_l, x_u)
+        l_sup = self._sup_loss(z_l, y_l, has_l)
+        lam = consistency_lambda(self.cfg, step, total_steps)
+        logs: dict[str, torch.Tensor | float] = {"sup": l_sup, "lambda": lam}
+        loss = l_sup
+        if z_u is not None and x_u is not None:
+            l_cons = consistency_loss(z_u, self._teacher_logits(x_u), self.cfg.consistency)
+            loss = loss + lam * l_cons
+            logs["cons"] = l_cons
+        logs["loss"] = loss
+        return loss, self._floats(logs)
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """`student` and `teacher` logits."""
+        assert self.teacher is not None
+        out = super().pseudo_labels(images, texts)
+        out["teacher"] = self.teacher(images.to(self.device))
+        return out
+
+
+@register_seg_method("dusss")
+class DuSSSMethod(MeanTeacherMethod):
+    """DuSSS Step 2: L_sup + λ(t)·½(L_merged + L_text) + tg_weight·L_tg + text_supervised_weight·L_text_sup.
+
+    The text-mask generator runs once per step on the unlabeled images and, when text_supervised_weight > 0,
+    the labeled images too; L_tg (eq 12) is then computed over all of them (B_l + B_u image/text pairs).
+    """
+
+    needs_vlm = True
+    uses_unlabeled = True
+
+    def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
+        if vlm is None:
+            raise ConfigError(f"method {self.name!r} needs a pretrained VLM (--vlm)")
+        super().__init__(cfg, student, vlm)
+        self.text_mask = TextMaskGenerator(vlm, cfg.text_mask).to(self.device)
+
+    def loss(
+        self,
+        labeled: dict[str, Any],
+        unlabeled: dict[str, Any] | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        assert self.text_mask is not None
+        cfg = self.cfg
+        x_l, y_l, has_l, t_l = self._unpack(labeled)
+        x_u, t_u = (None, [])
+        if unlabeled is not None:
+            x_u, _, _, t_u = self._unpack(unlabeled)
+        z_l, z_u = self._student_forward(x_l, x_u)
+        l_sup = self._sup_loss(z_l, y_l, has_l)
+        lam = consistency_lambda(cfg, step, total_steps)
+        logs: dict[str, torch.Tensor | float] = {"sup": l_sup, "lambda": lam}
+        loss = l_sup
+
+        # Text-mask generator on [labeled (for the supervised text term)] + [unlabeled (for L_semi)].
+        use_l = cfg.text_supervised_weight > 0 and y_l is not None and bool(has_l.any())
+        gen_images = [x_l] if use_l else []
+        gen_texts = list(t_l) if use_l else []
+        if x_u is not None:
+            gen_images.append(x_u)
+            gen_texts += list(t_u)
+        z_text_l = z_text_u = None
+        if gen_images:
+            if len(gen_images) == 2 and gen_images[0].shape[1:] != gen_images[1].shape[1:]:
+                raise ValueError("labeled and unlabeled images must have the same size for the text-mask generator")
+            out = self.text_mask(torch.cat(gen_images, dim=0), gen_texts, with_tg=cfg.tg_weight > 0)
+            z_text = out["logits"]
+            n_l = x_l.shape[0] if use_l else 0
+            z_text_l = z_text[:n_l] if use_l else None
+            z_text_u = z_text[n_l:] if x_u is not None else None
+            if out["loss_tg"] is not None:
+                loss = loss + cfg.tg_weight * out["loss_tg"]
+                logs["tg"] = out["loss_tg"]
+        if z_text_l is not None and y_l is not None:
+            l_text_sup = _masked_mean(soft_bce(z_text_l, y_l, reduction="none"), has_l)
+            loss = loss + cfg.text_supervised_weight * l_text_sup
+            logs["text_sup"] = l_text_sup
+        if z_u is not None and z_text_u is not None and x_u is not None:
+            z_t = self._teacher_logits(x_u)
+            l_semi, parts = semi_loss(
+                z_u, z_t, z_text_u.detach(), cfg.semi_loss, use_text_term=cfg.text_term, merge=cfg.merge
+            )
+            loss = loss + lam * l_semi
+            logs.update({f"semi_{k}" if k != "semi" else "semi": v for k, v in parts.items()})
+        logs["kappa"] = self.text_mask.kappa.detach()
+        logs["beta"] = self.text_mask.beta.detach()
+        logs["loss"] = loss
+        return loss, self._floats(logs)
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """`student`, `teacher`, `text` (own-text z_text) and `merged` (eq 16, per `merge`) logits."""
+        assert self.text_mask is not None
+        if texts is None:
+            raise ValueError(f"method {self.name!r} needs the texts of the images for pseudo-labels")
+        out = super().pseudo_labels(images, texts)
+        was_training = self.text_mask.training
+        self.text_mask.eval()
+        try:
+            text = self.text_mask(images.to(self.device), list(texts), with_tg=False)["logits"]
+        finally:
+            self.text_mask.train(was_training)
+        out["text"] = text
+        out["merged"] = merge_logits(out["teacher"], text, self.cfg.merge)
+        return out
+
+
+@register_seg_method("amvlm")
+class AMVLMMethod(DuSSSMethod):
+    """AMVLM Step 2: the same SSMIS stage as DuSSS (only the pretrained VLM differs)."""
+
+
+def build_seg_method(
+    name: str, cfg: SegMethodConfig | None, student: nn.Module, vlm: nn.Module | None = None
+) -> SegMethod:
+    """Instantiate the registered method `name`; ConfigError for an unknown name or a missing VLM."""
+    if name not in SEG_METHODS:
+        raise ConfigError(f"unknown segmentation method {name!r}; choose from {sorted(SEG_METHODS)}")
+    cls = SEG_METHODS[name]
+    if cls.needs_vlm and vlm is None:
+        raise ConfigError(f"method {name!r} needs a pretrained VLM (--vlm)")
+    return cls(cfg or SegMethodConfig(), student, vlm)

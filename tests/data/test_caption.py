@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dusss.data.caption import caption_mask, find_regions, label_components
+
+from .builders import box_mask
+
+# 90x90 image: thirds are rows 0-29 / 30-59 / 60-89 and columns 0-29 / 30-59 / 60-89.
+UPPER_IMAGE_RIGHT = (5, 15, 65, 80)  # patient's left lung, upper zone
+LOWER_IMAGE_LEFT = (70, 85, 10, 25)  # patient's right lung, lower zone
+MIDDLE_IMAGE_LEFT = (40, 50, 10, 25)
+
+
+@pytest.mark.parametrize(
+    ("boxes", "qata", "generic"),
+    [
+        ((), "No pulmonary infection.", "No regions."),
+        (
+            (UPPER_IMAGE_RIGHT, LOWER_IMAGE_LEFT),
+            "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+            "Two regions: upper right and lower left.",
+        ),
+        (
+            (MIDDLE_IMAGE_LEFT,),
+            "Unilateral pulmonary infection, one infected area, middle right lung.",
+            "One region: middle left.",
+        ),
+        (
+            ((5, 85, 65, 80),),  # one tall region over all three zones of the patient's left lung
+            "Unilateral pulmonary infection, one infected area, all left lung.",
+            "One region: middle right.",
+        ),
+        (
+            ((20, 50, 65, 80),),  # rows 20-49: 10 px upper (33 %), 20 px middle
+            "Unilateral pulmonary infection, one infected area, upper middle left lung.",
+            "One region: middle right.",
+        ),
+        (
+            ((5, 15, 65, 80), (70, 85, 65, 80)),
+            "Unilateral pulmonary infection, two infected areas, upper and lower left lung.",
+            "Two regions: upper right and lower right.",
+        ),
+        (
+            ((5, 15, 65, 80), (70, 85, 65, 80), MIDDLE_IMAGE_LEFT),
+            "Bilateral pulmonary infection, three infected areas, upper and lower left lung and middle right lung.",
+            "Three regions: upper right, middle left and lower right.",
+        ),
+        (((40, 50, 40, 50),), "Unilateral pulmonary infection, one infected area, middle left lung.", "One region: center."),
+    ],
+)
+def test_captions_of_known_layouts(boxes, qata: str, generic: str) -> None:
+    mask = box_mask(90, 90, *boxes)
+    assert caption_mask(mask, style="qata") == qata
+    assert caption_mask(mask, style="generic") == generic
+
+
+def test_small_zone_share_is_ignored() -> None:
+    # rows 25-59: 5 px (14 %) in the upper third are below the 20 % share, so only "middle"
+    mask = box_mask(90, 90, (25, 60, 10, 25))
+    assert caption_mask(mask) == "Unilateral pulmonary infection, one infected area, middle right lung."
+
+
+def test_diagonal_pixels_are_one_region_and_min_area_filters() -> None:
+    mask = np.eye(6, dtype=np.uint8)
+    assert label_components(mask)[1] == 1
+    mask2 = box_mask(30, 30, (0, 5, 0, 5), (20, 21, 20, 21))
+    assert len(find_regions(mask2)) == 2 and len(find_regions(mask2, min_area=2)) == 1
+    assert caption_mask(mask2, style="generic", min_area=2) == "One region: upper left."
+
+
+def test_label_components_against_a_hand_labelled_pattern() -> None:
+    mask = np.array(
+        [
+            [1, 1, 0, 0, 1],
+            [0, 1, 0, 0, 1],
+            [0, 0, 0, 1, 0],
+            [1, 0, 0, 0, 0],
+            [1, 0, 1, 1, 1],
+        ],
+        dtype=np.uint8,
+    )
+    labels, n = label_components(mask)
+    assert n == 4  # {top-left}, {right column + diagonal (2,3)}, {bottom-left}, {bottom row right}
+    assert labels[0, 4] == labels[2, 3] != labels[0, 0]
+    assert labels[3, 0] == labels[4, 0] and labels[4, 2] == labels[4, 4]
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+
+
+def test_region_statistics() -> None:
+    (r,) = find_regions(box_mask(9, 9, (0, 3, 0, 2)))
+    assert r.area == 6 and r.centroid == (1.0, 0.5) and r.zone_share == (1.0, 0.0, 0.0)
+
+
+def test_many_regions_and_bad_arguments() -> None:
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[::4, ::4] = 1  # 100 isolated pixels
+    assert caption_mask(mask).startswith("Bilateral pulmonary infection, 100 infected areas, all left lung")
+    with pytest.raises(ValueError, match="unknown caption style"):
+        caption_mask(mask, style="poetic")
+    with pytest.raises(ValueError, match="2-D"):
+        caption_mask(np.zeros((2, 2, 2)))

@@ -1,0 +1,116 @@
+"""Distributed helpers: identity in one process; a real 2-process gloo group checks gather and reductions.
+
+The 2-process test launches two plain Python processes with torchrun's environment variables (RANK,
+WORLD_SIZE, MASTER_ADDR, ...), so it does not depend on how pytest names this test module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dusss.engine import distributed
+from dusss.engine.logging import read_metrics
+from dusss.engine.runs import read_run
+
+
+def test_single_process_helpers_are_identities() -> None:
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.gather_with_grad(x) is x
+    assert distributed.all_reduce_mean(x) is x
+    assert distributed.all_reduce_sum(x) is x
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert not distributed.is_distributed()
+    assert not distributed.init_from_env("cpu")  # WORLD_SIZE unset: nothing to initialise
+    distributed.barrier()
+
+
+WORKER = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    import torch
+    from dusss.engine import distributed
+    from dusss.engine.logging import MetricsLogger
+    from dusss.engine.runs import prepare_run_dir
+    from dusss.engine.samplers import EpochSampler
+    from dusss.errors import DusssError
+
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    assert distributed.init_from_env("cpu")
+    rank, world = distributed.rank(), distributed.world_size()
+    res = {"rank": rank, "world": world, "main": distributed.is_main()}
+    try:
+        # rank r contributes 2 rows filled with r+1
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        g = distributed.gather_with_grad(x)
+        res["gathered"] = g.detach()[:, 0].tolist()
+        weights = torch.arange(g.numel(), dtype=torch.float32).reshape(g.shape)
+        (g * weights).sum().backward()
+        # every rank computed the same loss: the local slice receives the sum over ranks of its gradient
+        res["grad_is_summed_local_slice"] = torch.equal(x.grad, 2 * weights[2 * rank: 2 * rank + 2])
+        res["mean"] = distributed.all_reduce_mean(torch.tensor([float(rank)])).item()
+        res["sum"] = distributed.all_reduce_sum(torch.tensor([float(rank + 1)])).item()
+        # rank-aware infrastructure: rank 0 writes the run folder, every rank takes the same guard decision
+        run = prepare_run_dir(out / "run", {"a": 1}, kind="train")
+        try:
+            prepare_run_dir(run, {"a": 2}, kind="train")
+            res["guard"] = False
+        except DusssError:
+            res["guard"] = True
+        MetricsLogger(run, tensorboard=False).log(1, {"loss": float(rank)})
+        res["share"] = list(EpochSampler(8, seed=0))
+        distributed.barrier()
+    finally:
+        distributed.cleanup()
+    (out / f"rank{rank}.json").write_text(json.dumps(res))
+''')
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(150)
+def test_two_process_gloo_gather_and_reduce(tmp_path: Path) -> None:
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-3000:]
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in range(2):
+        assert res[r]["rank"] == r and res[r]["world"] == 2 and res[r]["main"] == (r == 0)
+        assert res[r]["gathered"] == [1.0, 1.0, 2.0, 2.0]  # concatenated in rank order
+        assert res[r]["grad_is_summed_local_slice"]
+        assert res[r]["mean"] == pytest.approx(0.5) and res[r]["sum"] == pytest.approx(3.0)
+        assert res[r]["guard"]  # a different config is refused on every rank
+    record = read_run(tmp_path / "run")
+    assert record is not None and len(record["history"]) == 1  # written once, by rank 0
+    assert [row["loss"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0.0]  # rank 0 only
+    shares = [set(r["share"]) for r in res]  # sampler defaults come from the process group
+    assert len(shares[0]) == len(shares[1]) == 4 and shares[0] | shares[1] == set(range(8))

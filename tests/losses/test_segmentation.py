@@ -1,0 +1,104 @@
+"""Step-2 losses (eqs 15-18) on hand-derived values; the merge is on logits (guard against METHOD S3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dusss.losses.segmentation import (
+    consistency_loss,
+    dice_loss,
+    merge_logits,
+    seg_loss,
+    semi_loss,
+    soft_bce,
+)
+
+LN3 = math.log(3.0)
+
+
+def _logits_2x2() -> torch.Tensor:
+    # σ → [[0.5, 0.75], [0.25, 0.5]]
+    return torch.tensor([[[[0.0, LN3], [-LN3, 0.0]]]])
+
+
+def _target_2x2() -> torch.Tensor:
+    return torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+
+
+def test_dice_loss_hand_value() -> None:
+    # Σpt = 0.5 + 0.75 = 1.25, Σp = 2, Σt = 2, smooth 1: 1 − (2.5 + 1)/(4 + 1) = 0.3
+    assert dice_loss(_logits_2x2(), _target_2x2()).item() == pytest.approx(0.3, abs=1e-6)
+
+
+def test_dice_loss_empty_target_and_empty_prediction_is_zero() -> None:
+    logits = torch.full((1, 1, 2, 2), -30.0)
+    assert dice_loss(logits, torch.zeros(1, 1, 2, 2)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_bce_hand_values() -> None:
+    # −[ln 0.5 + ln 0.75 + ln 0.75 + ln 0.5]/4 = ln(8/3)/2
+    assert soft_bce(_logits_2x2(), _target_2x2()).item() == pytest.approx(math.log(8 / 3) / 2, abs=1e-6)
+    # soft target 0.5 against logit 0: ln 2 per pixel
+    assert soft_bce(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5)).item() == pytest.approx(math.log(2))
+    # soft target 0.25 against p = 0.75: −0.25 ln 0.75 − 0.75 ln 0.25
+    expected = -0.25 * math.log(0.75) - 0.75 * math.log(0.25)
+    got = soft_bce(torch.full((1, 1, 2, 2), LN3), torch.full((1, 1, 2, 2), 0.25)).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_seg_loss_kinds_and_reduction() -> None:
+    dice, bce = 0.3, math.log(8 / 3) / 2
+    assert seg_loss(_logits_2x2(), _target_2x2()).item() == pytest.approx(0.5 * dice + 0.5 * bce, abs=1e-6)
+    assert seg_loss(_logits_2x2(), _target_2x2(), kind="bce").item() == pytest.approx(bce, abs=1e-6)
+    logits = torch.cat([_logits_2x2(), torch.zeros(1, 1, 2, 2)])
+    target = torch.cat([_target_2x2(), torch.full((1, 1, 2, 2), 0.5)])
+    per_image = soft_bce(logits, target, reduction="none")
+    assert per_image.shape == (2,)
+    assert per_image[1].item() == pytest.approx(math.log(2))
+    with pytest.raises(ValueError):
+        seg_loss(_logits_2x2(), _target_2x2(), kind="ce")
+    with pytest.raises(ValueError):
+        soft_bce(_logits_2x2(), torch.zeros(1, 1, 4, 4))
+
+
+def test_merge_is_on_logits_and_can_go_below_half() -> None:
+    teacher = torch.tensor([-3.0, 2.0, -1.0])
+    text = torch.tensor([-2.0, 1.0, 3.0])
+    merged = merge_logits(teacher, text)
+    torch.testing.assert_close(merged, torch.tensor([-5.0, 3.0, 2.0]))
+    q = torch.sigmoid(merged)
+    assert q[0].item() == pytest.approx(1 / (1 + math.exp(5)))
+    assert q[0].item() < 0.5  # both experts say background → background (S3 guard)
+    # the released code's probability-space merge is >= 0.5 everywhere
+    q_code = torch.sigmoid(merge_logits(teacher, text, mode="prob"))
+    assert (q_code >= 0.5).all() and (q_code <= 1 / (1 + math.exp(-2)) + 1e-6).all()
+
+
+def test_semi_loss_hand_value_and_detached_targets() -> None:
+    # student p = 0.75; teacher z_t = ln3, text z_text = −ln3 → q_merged = σ(0) = 0.5, q_text = 0.25
+    student = torch.full((1, 1, 2, 2), LN3, requires_grad=True)
+    teacher = torch.full((1, 1, 2, 2), LN3, requires_grad=True)
+    text = torch.full((1, 1, 2, 2), -LN3, requires_grad=True)
+    l_merged = -0.5 * math.log(0.75) - 0.5 * math.log(0.25)
+    l_text = -0.25 * math.log(0.75) - 0.75 * math.log(0.25)
+    loss, parts = semi_loss(student, teacher, text, kind="bce")
+    assert loss.item() == pytest.approx(0.5 * (l_merged + l_text), abs=1e-6)
+    assert parts["merged"].item() == pytest.approx(l_merged, abs=1e-6)
+    assert parts["text"].item() == pytest.approx(l_text, abs=1e-6)
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None and text.grad is None
+    only_merged, parts = semi_loss(student, teacher, text, kind="bce", use_text_term=False)
+    assert only_merged.item() == pytest.approx(l_merged, abs=1e-6)
+    assert "text" not in parts
+
+
+def test_consistency_loss_values() -> None:
+    student = torch.full((1, 1, 2, 2), LN3)  # p = 0.75
+    teacher = torch.full((1, 1, 2, 2), -LN3)  # q = 0.25
+    bce = -0.25 * math.log(0.75) - 0.75 * math.log(0.25)
+    assert consistency_loss(student, teacher).item() == pytest.approx(bce, abs=1e-6)
+    assert consistency_loss(student, teacher, kind="mse").item() == pytest.approx(0.25, abs=1e-6)

@@ -1,0 +1,216 @@
+"""Grounding decoder f_g and the text-mask generator (eqs 10-12) with a small fake VLM."""
+
+from __future__ import annotations
+
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dusss.models import grounding
+from dusss.models.grounding import GroundingDecoder, TextMaskConfig, TextMaskGenerator
+
+
+class FakeVLM(nn.Module):
+    """Same interface as dusss.models.vlm.VisionLanguageModel: conv patchifier + bag-of-words texts."""
+
+    def __init__(self, dim: int = 16, patch: int = 8, vocab: int = 97) -> None:
+        super().__init__()
+        self.cfg = SimpleNamespace(embed_dim=dim)
+        self.patchify = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.BatchNorm1d(dim)  # to check that the VLM stays in eval mode
+        self.words = nn.EmbeddingBag(vocab, dim, mode="mean")
+        self.vocab = vocab
+
+    def encode_image(self, images: torch.Tensor, momentum: bool = False) -> dict:
+        x = self.patchify(images)
+        h, w = x.shape[-2:]
+        tokens = x.flatten(2).transpose(1, 2)
+        return {
+            "global": F.normalize(self.norm(tokens.mean(1)), dim=-1),
+            "local": F.normalize(tokens, dim=-1),
+            "grid": (h, w),
+        }
+
+    def encode_text(self, texts: list[str], momentum: bool = False) -> dict:
+        ids = [[zlib.crc32(t.encode()) % self.vocab for t in text.lower().split()] or [0] for text in texts]
+        flat = torch.tensor([i for seq in ids for i in seq])
+        offsets = torch.tensor([0] + [len(s) for s in ids[:-1]]).cumsum(0)
+        g = F.normalize(self.words(flat, offsets), dim=-1)
+        return {"global": g, "local": g[:, None], "mask": torch.ones(len(texts), 1, dtype=torch.bool)}
+
+
+def reference_extended_infonce(pooled: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Eq 12 as TCL's ExtendedInfoNCE: S[b,n] = scale·cos(pooled[b,n], t_n); ½[CE(S) + CE(Sᵀ)]."""
+    s = scale * (F.normalize(pooled, dim=-1) * F.normalize(text, dim=-1)[None]).sum(-1)
+    target = torch.arange(s.shape[0])
+    return 0.5 * (F.cross_entropy(s, target) + F.cross_entropy(s.t(), target))
+
+
+@pytest.fixture(autouse=True)
+def _tg_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Use dusss.losses.contrastive.extended_infonce when it exists, else the reference above."""
+    try:
+        from dusss.losses.contrastive import extended_infonce  # noqa: F401
+    except ImportError:
+        monkeypatch.setattr(grounding, "_tg_loss", reference_extended_infonce)
+
+
+TEXTS = ["left lung opacity", "bilateral lower lobe infection", "right upper zone lesion", "no finding"]
+
+
+def _generator(**cfg) -> TextMaskGenerator:
+    torch.manual_seed(0)
+    return TextMaskGenerator(FakeVLM(), TextMaskConfig(**cfg))
+
+
+def test_decoder_is_nearest_upsampling_at_init() -> None:
+    dec = GroundingDecoder(dim=6, n_layers=2)
+    x = torch.randn(2, 6, 3, 5)
+    out = dec(x)
+    assert out.shape == (2, 6, 12, 20)
+    torch.testing.assert_close(out, F.interpolate(x, scale_factor=4, mode="nearest"))
+    assert all(g.item() == 0.0 for g in dec.gates)
+    with torch.no_grad():
+        dec.gates[0].fill_(0.5)
+    assert not torch.allclose(dec(x), F.interpolate(x, scale_factor=4, mode="nearest"))
+
+
+def test_decoder_layer_formula() -> None:
+    torch.manual_seed(0)
+    dec = GroundingDecoder(dim=3, n_layers=1)
+    with torch.no_grad():
+        dec.gates[0].fill_(0.3)
+    x = torch.randn(1, 3, 2, 2)
+    up = F.interpolate(x, scale_factor=2, mode="nearest")
+    expected = up + torch.tanh(torch.tensor(0.3)) * dec.convs[0](F.relu(up))
+    torch.testing.assert_close(dec(x), expected)
+
+
+def test_vlm_is_frozen_and_stays_in_eval() -> None:
+    gen = _generator()
+    vlm = gen.vlm
+    assert all(not p.requires_grad for p in vlm.parameters())
+    gen.train()
+    assert gen.training and gen.decoder.training and not vlm.training
+    before = vlm.norm.running_mean.clone()
+    out = gen(torch.rand(4, 3, 32, 32), TEXTS)
+    assert torch.equal(vlm.norm.running_mean, before)
+    out["loss_tg"].backward()
+    assert all(p.grad is None for p in vlm.parameters())
+    names = {id(p) for p in gen.trainable_parameters()}
+    assert not any(id(p) in names for p in vlm.parameters())
+    assert len(gen.trainable_parameters()) == 2 * 3 + 5  # 2 layers × (conv w, conv b, gate) + 5 scalars
+
+
+def test_trainable_parameters_are_decoder_and_scalars() -> None:
+    gen = _generator()
+    expected = set(dict(gen.decoder.named_parameters()).values()) | {
+        gen.kappa,
+        gen.beta,
+        gen.pool_kappa,
+        gen.pool_beta,
+        gen.logit_scale,
+    }
+    assert set(gen.trainable_parameters()) == expected
+    fixed = _generator(learnable=False)
+    assert set(fixed.trainable_parameters()) == set(fixed.decoder.parameters()) | {fixed.logit_scale}
+
+
+def test_forward_shapes_and_logits_formula() -> None:
+    gen = _generator()
+    images = torch.rand(4, 3, 32, 32)
+    out = gen(images, TEXTS)
+    assert out["logits"].shape == (4, 1, 32, 32)
+    assert out["cos"].shape == (4, 1, 16, 16)  # 4×4 grid, two ×2 layers
+    assert out["loss_tg"].ndim == 0 and torch.isfinite(out["loss_tg"])
+    v, t = gen.encode(images, TEXTS)
+    cos = (v * t[:, :, None, None]).sum(1, keepdim=True)  # own text: image b with text b
+    torch.testing.assert_close(out["cos"], cos)
+    expected = F.interpolate(10.0 * cos - 2.5, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["logits"], expected)
+    assert out["logits"].min() >= -12.5 - 1e-4 and out["logits"].max() <= 7.5 + 1e-4
+
+
+def test_each_image_uses_its_own_text() -> None:
+    gen = _generator()
+    images = torch.rand(4, 3, 32, 32)
+    base = gen(images, TEXTS)["logits"]
+    perm = [2, 0, 3, 1]
+    permuted = gen(images[perm], [TEXTS[i] for i in perm])["logits"]
+    torch.testing.assert_close(permuted, base[perm])
+    # changing image 1's text changes only image 1's mask (no averaging over the batch's texts)
+    changed = gen(images, [TEXTS[0], "something else entirely", TEXTS[2], TEXTS[3]])["logits"]
+    torch.testing.assert_close(changed[[0, 2, 3]], base[[0, 2, 3]])
+    assert not torch.allclose(changed[1], base[1])
+    # single-image calls agree with the batched diagonal
+    for b in range(4):
+        torch.testing.assert_close(gen.text_logits(images[b : b + 1], [TEXTS[b]]), base[b : b + 1])
+
+
+def test_mean_pairing_repro_averages_over_texts() -> None:
+    gen = _generator(pairing="mean")
+    images = torch.rand(4, 3, 32, 32)
+    base = gen(images, TEXTS)["logits"]
+    changed = gen(images, [TEXTS[0], "something else entirely", TEXTS[2], TEXTS[3]])["logits"]
+    assert not torch.allclose(changed[0], base[0])
+
+
+def test_text_logits_one_image_many_prompts() -> None:
+    gen = _generator()
+    image = torch.rand(1, 3, 32, 32)
+    maps = gen.text_logits(image, TEXTS)
+    assert maps.shape == (4, 1, 32, 32)
+    for n, text in enumerate(TEXTS):
+        torch.testing.assert_close(maps[n : n + 1], gen(image, [text], with_tg=False)["logits"])
+    with pytest.raises(ValueError):
+        gen.text_logits(torch.rand(2, 3, 32, 32), TEXTS)
+
+
+def test_loss_tg_pools_with_sigmoid_masks_and_trains_decoder_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = _generator()
+    captured = {}
+    real = grounding._tg_loss
+
+    def spy(pooled: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        captured.update(pooled=pooled, text=text, scale=scale)
+        return real(pooled, text, scale)
+
+    monkeypatch.setattr(grounding, "_tg_loss", spy)
+    images = torch.rand(4, 3, 32, 32)
+    out = gen(images, TEXTS)
+    assert captured["pooled"].shape == (4, 4, 16)
+    assert captured["scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    v, t = gen.encode(images, TEXTS)
+    b, n = 1, 3
+    m = torch.sigmoid(10.0 * (v[b] * t[n][:, None, None]).sum(0) - 2.5)  # M_bn
+    pooled = (m[None] * v[b]).sum((1, 2)) / (m.sum() + 1e-6)
+    torch.testing.assert_close(captured["pooled"][b, n], F.normalize(pooled, dim=0))
+    out["loss_tg"].backward()
+    assert all(g.grad is not None and g.grad.abs() > 0 for g in gen.decoder.gates)
+    assert gen.pool_kappa.grad.abs() > 0 and gen.pool_beta.grad.abs() > 0 and gen.logit_scale.grad.abs() > 0
+    assert gen.kappa.grad is None and gen.beta.grad is None  # κ, β only shape z_text
+
+
+def test_tg_scale_is_clamped() -> None:
+    gen = _generator()
+    with torch.no_grad():
+        gen.logit_scale.fill_(10.0)
+    assert gen.tg_scale().item() == pytest.approx(100.0)
+
+
+def test_trainable_state_round_trip() -> None:
+    gen = _generator()
+    with torch.no_grad():
+        gen.decoder.gates[1].fill_(0.7)
+        gen.kappa.fill_(3.0)
+    state = gen.trainable_state_dict()
+    assert not any(k.startswith("vlm.") for k in state)
+    other = TextMaskGenerator(gen.vlm, TextMaskConfig())
+    other.load_trainable_state_dict(state)
+    assert other.decoder.gates[1].item() == pytest.approx(0.7) and other.kappa.item() == 3.0
+    with pytest.raises(KeyError):
+        other.load_trainable_state_dict({"kappa": torch.tensor(1.0)})

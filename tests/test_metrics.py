@@ -1,0 +1,132 @@
+"""Metrics (METHOD §5.3) on tiny hand-checked masks: Dice, IoU, empty-mask policies, HD95, accumulator."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dusss.metrics import SegmentationMetrics, boundary, dice_score, hd95, iou_score
+
+
+def _mask(shape: tuple[int, int], *pixels: tuple[int, int]) -> torch.Tensor:
+    m = torch.zeros(shape)
+    for r, c in pixels:
+        m[r, c] = 1.0
+    return m
+
+
+def _square(shape: tuple[int, int], r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    m = torch.zeros(shape)
+    m[r0:r1, c0:c1] = 1.0
+    return m
+
+
+GT_2x2 = _square((4, 4), 0, 2, 0, 2)  # 4 px, top-left
+PRED_ROW = _square((4, 4), 0, 1, 0, 4)  # 4 px, top row; overlap 2 px
+
+
+def test_dice_and_iou_hand_values() -> None:
+    # Dice = 2·2/(4+4) = 0.5; IoU = 2/(4+4−2) = 1/3
+    assert dice_score(PRED_ROW[None], GT_2x2[None]).item() == pytest.approx(0.5)
+    assert iou_score(PRED_ROW[None], GT_2x2[None]).item() == pytest.approx(1 / 3)
+    assert dice_score(GT_2x2, GT_2x2).item() == 1.0  # a 2-D input is one image
+
+
+def test_threshold_is_inclusive_and_logits_supported() -> None:
+    prob = GT_2x2 * 0.5  # exactly 0.5 on the square: foreground (>= 0.5)
+    assert dice_score(prob[None], GT_2x2[None]).item() == 1.0
+    just_below = GT_2x2 * 0.4999
+    assert dice_score(just_below[None], GT_2x2[None], empty_policy="zero").item() == 0.0
+    logits = torch.where(GT_2x2 > 0, 0.0, -5.0)  # σ(0) = 0.5 → foreground
+    assert dice_score(logits[None], GT_2x2[None], from_logits=True).item() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("policy", "both_empty", "gt_empty_pred_not"),
+    [("skip", math.nan, math.nan), ("one", 1.0, 0.0), ("zero", 0.0, 0.0)],
+)
+def test_empty_policies(policy: str, both_empty: float, gt_empty_pred_not: float) -> None:
+    empty = torch.zeros(4, 4)
+    pred = torch.stack([empty, PRED_ROW, empty])
+    gt = torch.stack([empty, empty, GT_2x2])
+    for fn in (dice_score, iou_score):
+        scores = fn(pred, gt, empty_policy=policy)
+        for got, want in zip(scores.tolist(), [both_empty, gt_empty_pred_not, 0.0]):
+            assert (math.isnan(got) and math.isnan(want)) or got == want
+
+
+def test_unknown_policy_rejected() -> None:
+    with pytest.raises(ValueError):
+        dice_score(GT_2x2, GT_2x2, empty_policy="ignore")
+
+
+def test_boundary_pixels() -> None:
+    sq = _square((5, 5), 1, 4, 1, 4)  # 3×3: 8 boundary pixels, centre is interior
+    b = boundary(sq.bool())
+    assert b.sum().item() == 8 and not b[2, 2]
+    full = torch.ones(4, 4, dtype=torch.bool)  # image border counts as background
+    assert boundary(full).sum().item() == 12
+
+
+def test_hd95_percentile_hand_value() -> None:
+    # pred = {(2,0)}, gt = {(2,0), (2,10)}: distances pred→gt [0], gt→pred [0, 10];
+    # 95th percentile of [0, 0, 10] (linear): rank 0.95·2 = 1.9 → 0 + 0.9·10 = 9
+    pred = _mask((5, 12), (2, 0))
+    gt = _mask((5, 12), (2, 0), (2, 10))
+    assert hd95(pred, gt) == pytest.approx(9.0)
+    assert hd95(gt, pred) == pytest.approx(9.0)  # symmetric
+    assert hd95(pred.numpy(), gt.numpy()) == pytest.approx(9.0)
+
+
+def test_hd95_shifted_squares_and_spacing() -> None:
+    # 3×3 squares at columns 1-3 and 4-6: boundary distances {1×6, 2×4, 3×6} → p95 = 3
+    a = _square((7, 8), 1, 4, 1, 4)
+    b = _square((7, 8), 1, 4, 4, 7)
+    assert hd95(a, b) == pytest.approx(3.0)
+    assert hd95(a, b, spacing=0.5) == pytest.approx(1.5)
+    assert hd95(a, b, spacing=(2.0, 1.0)) == pytest.approx(3.0)  # rows do not matter
+    assert hd95(a, b, spacing=(1.0, 2.0)) == pytest.approx(6.0)
+    assert hd95(a, a) == 0.0
+
+
+def test_hd95_empty_is_nan() -> None:
+    assert math.isnan(hd95(torch.zeros(4, 4), GT_2x2))
+    assert math.isnan(hd95(GT_2x2, torch.zeros(4, 4)))
+    assert math.isnan(hd95(torch.zeros(4, 4), torch.zeros(4, 4)))
+
+
+def test_accumulator_means_global_dice_and_rows() -> None:
+    m = SegmentationMetrics()
+    empty = torch.zeros(4, 4)
+    # image a: Dice 0.5, IoU 1/3; image b: empty/empty (skipped); image c: perfect
+    m.update(torch.stack([PRED_ROW, empty])[:, None], torch.stack([GT_2x2, empty])[:, None], keys=["a", "b"])
+    m.update(GT_2x2[None, None], GT_2x2[None, None], keys=["c"])
+    out = m.compute()
+    assert out["dice"] == pytest.approx(0.75)
+    assert out["iou"] == pytest.approx((1 / 3 + 1) / 2)
+    assert out["global_dice"] == pytest.approx(2 * (2 + 0 + 4) / (8 + 0 + 8))
+    assert out["n_images"] == 3 and out["n_scored"] == 2 and out["n_empty"] == 1
+    # HD95 of a: distances [0,0,1,2] ∪ [0,0,1,1] → sorted [0,0,0,0,1,1,1,2], rank 6.65 → 1.65; c: 0; b: NaN
+    assert [r["key"] for r in m.rows] == ["a", "b", "c"]
+    assert m.rows[0]["hd95"] == pytest.approx(1.65)
+    assert math.isnan(m.rows[1]["hd95"])
+    assert out["hd95"] == pytest.approx(0.825)
+    assert out["n_hd95_nan"] == 1
+    assert m.rows[0]["gt_pixels"] == 4 and m.rows[0]["pred_pixels"] == 4 and m.rows[1]["empty_gt"]
+    ref = np.percentile([0, 0, 1, 2, 0, 0, 1, 1], 95)
+    assert m.rows[0]["hd95"] == pytest.approx(ref)
+
+
+def test_accumulator_policy_one_and_logits() -> None:
+    m = SegmentationMetrics(empty_policy="one", from_logits=True, compute_hd95=False)
+    logits = torch.full((2, 1, 4, 4), -4.0)
+    logits[0, 0, :2, :2] = 4.0
+    gt = torch.zeros(2, 1, 4, 4)
+    gt[0, 0, :2, :2] = 1.0
+    m.update(logits, gt)
+    out = m.compute()
+    assert out["dice"] == 1.0 and out["n_scored"] == 2 and out["n_empty"] == 1
+    assert math.isnan(out["hd95"])
