@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from dusss.engine.checkpoint import atomic_write_text
 
 DEMO_METHODS = ("supervised", "mt", "dusss")
@@ -124,4 +123,4 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_demo", "demo_configs", "format_table", "FULL", "QUICK"]
+__all__ = ["FULL", "QUICK", "demo_configs", "format_table", "run_demo"]

@@ -1,4 +1,4 @@
-"""`dusss data ...` end to end: good runs print a summary; bad input gives one line, exit 1, nothing written."""
+"""`dusss data ...` end to end: good runs print a summary; bad input: one line, exit 1, nothing written."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def test_caption_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     code, out, _ = run(["data", "caption", str(tmp_path / "m.png")], capsys)
     assert code == 0
     assert out == (
-        f"{tmp_path / 'm.png'}\tBilateral pulmonary infection, two infected areas, upper left lung and lower right lung.\n"
+        f"{tmp_path / 'm.png'}\tBilateral pulmonary infection, two infected areas, "
+        "upper left lung and lower right lung.\n"
     )
     code, out, _ = run(["data", "caption", str(tmp_path / "m.png"), "--style", "generic"], capsys)
     assert out.endswith("\tTwo regions: upper right and lower left.\n")
@@ -149,8 +150,17 @@ def _break(kind: str, manifest: Path) -> str:
     }[kind]
 
 
-KINDS = ["corrupt", "zero-byte", "size-mismatch", "non-binary", "missing-file", "missing-text",
-         "missing-column", "empty-split", "unknown-extension"]
+KINDS = [
+    "corrupt",
+    "zero-byte",
+    "size-mismatch",
+    "non-binary",
+    "missing-file",
+    "missing-text",
+    "missing-column",
+    "empty-split",
+    "unknown-extension",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -197,5 +207,8 @@ def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> Non
         check=False,
     )
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.splitlines()[0] == f"{bad}: missing required column(s) text, split, case_id (found: image, mask)"
+    assert (
+        proc.stderr.splitlines()[0]
+        == f"{bad}: missing required column(s) text, split, case_id (found: image, mask)"
+    )
     assert "Traceback" not in proc.stderr

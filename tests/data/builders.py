@@ -43,13 +43,26 @@ def write_csv(path: Path, rows: list[list[str]], header: list[str] | None = None
 def make_dataset(root: Path, size: int = 16) -> Path:
     """Five rows: train a, b (labeled), c (unlabeled); val d; test e. Returns the manifest path."""
     rows = []
-    spec = [("a", "train", True), ("b", "train", True), ("c", "train", False), ("d", "val", True), ("e", "test", True)]
+    spec = [
+        ("a", "train", True),
+        ("b", "train", True),
+        ("c", "train", False),
+        ("d", "val", True),
+        ("e", "test", True),
+    ]
     for name, split, labeled in spec:
         write_png(root / "images" / f"{name}.png", gradient(size, size))
         mask = ""
         if labeled:
             write_png(root / "masks" / f"{name}.png", box_mask(size, size, (2, 6, 9, 14)) * 255)
             mask = f"masks/{name}.png"
-        rows.append([f"images/{name}.png", mask, "Unilateral pulmonary infection, one infected area, upper left lung.",
-                     split, name])
+        rows.append(
+            [
+                f"images/{name}.png",
+                mask,
+                "Unilateral pulmonary infection, one infected area, upper left lung.",
+                split,
+                name,
+            ]
+        )
     return write_csv(root / "manifest.csv", rows)

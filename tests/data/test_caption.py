@@ -44,10 +44,17 @@ MIDDLE_IMAGE_LEFT = (40, 50, 10, 25)
         ),
         (
             ((5, 15, 65, 80), (70, 85, 65, 80), MIDDLE_IMAGE_LEFT),
-            "Bilateral pulmonary infection, three infected areas, upper and lower left lung and middle right lung.",
+            (
+                "Bilateral pulmonary infection, three infected areas, "
+                "upper and lower left lung and middle right lung."
+            ),
             "Three regions: upper right, middle left and lower right.",
         ),
-        (((40, 50, 40, 50),), "Unilateral pulmonary infection, one infected area, middle left lung.", "One region: center."),
+        (
+            ((40, 50, 40, 50),),
+            "Unilateral pulmonary infection, one infected area, middle left lung.",
+            "One region: center.",
+        ),
     ],
 )
 def test_captions_of_known_layouts(boxes, qata: str, generic: str) -> None:

@@ -16,7 +16,9 @@ from .builders import box_mask, gradient, write_png
 REAL = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "monuseg_lvit"
 
 
-def _xlsx(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("Image", "Description")) -> None:
+def _xlsx(
+    path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("Image", "Description")
+) -> None:
     wb = openpyxl.Workbook()
     ws = wb.active
     ws.append(header)
@@ -33,7 +35,9 @@ def build_lvit_tree(root: Path) -> Path:
     for s in ("a", "b", "c"):
         write_png(tr / "img" / f"{s}.png", img)
         write_png(tr / "labelcol" / f"{s}.png", mask)
-    _xlsx(tr / "Train_text.xlsx", [("a.png", "Text a."), ("b.png", "  Text   b. "), ("ghost.png", "No image.")])
+    _xlsx(
+        tr / "Train_text.xlsx", [("a.png", "Text a."), ("b.png", "  Text   b. "), ("ghost.png", "No image.")]
+    )
     va = root / "Val_Folder"
     write_png(va / "img" / "x.png", img)
     write_png(va / "labelcol" / "mask_x.png", mask)
@@ -78,7 +82,9 @@ def test_missing_folder_and_bad_layouts(tmp_path: Path) -> None:
     tr = tmp_path / "bad" / "Train_Folder"
     write_png(tr / "img" / "a.png", gradient(4, 4))
     _xlsx(tr / "Train_text.xlsx", [("a.png", "x")], header=("Image", "Text"))
-    with pytest.raises(DataError, match=r"Train_text.xlsx: missing column\(s\) Description \(found: Image, Text\)"):
+    with pytest.raises(
+        DataError, match=r"Train_text.xlsx: missing column\(s\) Description \(found: Image, Text\)"
+    ):
         import_lvit(tmp_path / "bad", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

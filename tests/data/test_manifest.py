@@ -45,9 +45,15 @@ def test_bom_and_whitespace_are_tolerated(tmp_path: Path) -> None:
         ("", "manifest is empty"),
         ("image,mask,text,split,case_id\n", "manifest has a header but no rows"),
         ("image,mask,split,case_id\na.png,,train,a\n", "missing required column(s) text"),
-        ("image,mask,text,split,case_id\na.png,,t,training,a\n", "row 2: split 'training' is not one of train, val, test"),
+        (
+            "image,mask,text,split,case_id\na.png,,t,training,a\n",
+            "row 2: split 'training' is not one of train, val, test",
+        ),
         ("image,mask,text,split,case_id\n,,t,train,a\n", "row 2: image is empty"),
-        ("image,mask,text,split,case_id\na.png,,t,train,a\na.png,,u,val,b\n", "row 3: image 'a.png' already listed in row 2"),
+        (
+            "image,mask,text,split,case_id\na.png,,t,train,a\na.png,,u,val,b\n",
+            "row 3: image 'a.png' already listed in row 2",
+        ),
     ],
 )
 def test_bad_manifests_name_the_file_and_the_problem(tmp_path: Path, content: str, message: str) -> None:
@@ -82,3 +88,11 @@ def test_write_then_read_round_trip(tmp_path: Path) -> None:
 def test_write_manifest_rejects_rows_without_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing case_id"):
         write_manifest(tmp_path / "m.csv", [{"image": "a", "mask": "", "text": "", "split": "train"}])
+
+
+def test_multi_line_text_and_row_numbers(tmp_path: Path) -> None:
+    m = tmp_path / "m.csv"
+    m.write_text('image,mask,text,split,case_id\na.png,,"line one\nline two",train,x\n\nb.png,,t,val,y\n')
+    a, b = read_manifest(m)
+    assert (a.row, a.text) == (2, "line one\nline two")
+    assert b.row == 5  # the record after the blank line 4

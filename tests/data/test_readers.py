@@ -132,7 +132,9 @@ def test_bad_files_give_one_line_naming_the_file(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"this is not a png" * 10)
-    good = write_png(tmp_path / "good.png", np.zeros((64, 64), dtype=np.uint8) + np.arange(64, dtype=np.uint8))
+    good = write_png(
+        tmp_path / "good.png", np.zeros((64, 64), dtype=np.uint8) + np.arange(64, dtype=np.uint8)
+    )
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:60])
     unknown = tmp_path / "scan.xyz"

@@ -39,7 +39,9 @@ def test_layout_splits_and_speed(phantoms: tuple[Path, float]) -> None:
     assert len(recs) == 64 and manifest.name == "manifest.csv"
     assert Counter(r.split for r in recs) == {"train": 38, "val": 13, "test": 13}
     assert len({r.case_id for r in recs}) == 64 and all(r.labeled for r in recs)
-    assert all(r.key.startswith("images/") and r.mask is not None and r.mask.parent.name == "masks" for r in recs)
+    assert all(
+        r.key.startswith("images/") and r.mask is not None and r.mask.parent.name == "masks" for r in recs
+    )
     img = read_image(recs[0].image)
     assert img.shape == (128, 128, 3)
     assert seconds < 3.0, f"n=64 at 128 px took {seconds:.2f} s"
@@ -81,7 +83,9 @@ def test_some_lesions_are_faint(phantoms: tuple[Path, float]) -> None:
         img = read_image(r.image)[:, :, 0]
         ring = mask.copy()
         for _ in range(4):
-            ring = ring | np.roll(ring, 1, 0) | np.roll(ring, -1, 0) | np.roll(ring, 1, 1) | np.roll(ring, -1, 1)
+            ring = (
+                ring | np.roll(ring, 1, 0) | np.roll(ring, -1, 0) | np.roll(ring, 1, 1) | np.roll(ring, -1, 1)
+            )
         ring &= ~mask
         contrasts.append(float(img[mask].mean() - img[ring].mean()))
     contrasts = np.array(contrasts)

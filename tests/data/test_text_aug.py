@@ -11,7 +11,10 @@ def test_swap_laterality_keeps_case_and_whole_words() -> None:
     assert swap_laterality(QATA) == (
         "Bilateral pulmonary infection, two infected areas, upper right lung and lower left lung."
     )
-    assert swap_laterality("Left lower, RIGHT upper; leftover bright") == "Right lower, LEFT upper; leftover bright"
+    assert (
+        swap_laterality("Left lower, RIGHT upper; leftover bright")
+        == "Right lower, LEFT upper; leftover bright"
+    )
     assert swap_laterality(swap_laterality(QATA)) == QATA
 
 

@@ -81,8 +81,19 @@ def _break(kind: str, manifest: Path) -> tuple[str, str]:
 
 
 BROKEN = [
-    "corrupt", "zero-byte", "size-mismatch", "non-binary", "missing-file", "missing-text", "missing-column",
-    "empty-split", "duplicate-row", "duplicate-key", "unknown-extension", "bad-split", "test-without-mask",
+    "corrupt",
+    "zero-byte",
+    "size-mismatch",
+    "non-binary",
+    "missing-file",
+    "missing-text",
+    "missing-column",
+    "empty-split",
+    "duplicate-row",
+    "duplicate-key",
+    "unknown-extension",
+    "bad-split",
+    "test-without-mask",
 ]
 
 

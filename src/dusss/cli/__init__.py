@@ -29,6 +29,18 @@ def _register() -> None:
     export.register(app)
 
 
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """`click.exceptions.<name>` from click and from typer's bundled copy of click (typer >= 0.20)."""
+    classes = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as bundled  # type: ignore[import-not-found]
+
+        classes.append(getattr(bundled, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(classes)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; turns user errors into one line and a non-zero exit."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -39,12 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=args, prog_name="dusss", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except _click_classes("Exit") as exc:
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except _click_classes("ClickException") as exc:
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except _click_classes("Abort"):
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
@@ -55,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback with --debug
+    except Exception as exc:
         if debug:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

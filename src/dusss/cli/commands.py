@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -23,17 +22,17 @@ def register(app: typer.Typer) -> None:
     def pretrain(
         data: Path = typer.Option(..., help="Manifest CSV (image,mask,text,split,case_id)."),
         out: Path = typer.Option(..., help="Run folder to write."),
-        method: Optional[str] = typer.Option(None, help="dusss | amvlm | clip (default dusss)."),
-        config: Optional[Path] = typer.Option(None, help="YAML config (see configs/)."),
-        epochs: Optional[int] = typer.Option(None),
-        batch_size: Optional[int] = typer.Option(None),
-        image_size: Optional[int] = typer.Option(None),
-        lr: Optional[float] = typer.Option(None),
-        device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
-        precision: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16"),
-        seed: Optional[int] = typer.Option(None),
-        image_encoder: Optional[str] = typer.Option(None, help="vit | efficientnet_lite0 | PATH to a local HF ViT/DeiT."),
-        text_encoder: Optional[str] = typer.Option(None, help="minilm | PATH to a local HF BERT-family model."),
+        method: str | None = typer.Option(None, help="dusss | amvlm | clip (default dusss)."),
+        config: Path | None = typer.Option(None, help="YAML config (see configs/)."),
+        epochs: int | None = typer.Option(None),
+        batch_size: int | None = typer.Option(None),
+        image_size: int | None = typer.Option(None),
+        lr: float | None = typer.Option(None),
+        device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+        precision: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
+        seed: int | None = typer.Option(None),
+        image_encoder: str | None = typer.Option(None, help="vit | efficientnet_lite0 | PATH to a local HF ViT/DeiT."),
+        text_encoder: str | None = typer.Option(None, help="minilm | PATH to a local HF BERT-family model."),
         random_init: bool = typer.Option(False, help="Random weights for both encoders."),
         no_sss: bool = typer.Option(False, help="Ablation: SSS off (plain InfoNCE)."),
         no_dcl: bool = typer.Option(False, help="Ablation: intra-modal contrast off (CMC only)."),
@@ -65,18 +64,18 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., help="Manifest CSV."),
         splits: Path = typer.Option(..., help="Split file from `dusss data split`."),
         out: Path = typer.Option(..., help="Run folder to write."),
-        method: Optional[str] = typer.Option(None, help="supervised | mt | dusss | amvlm (default dusss)."),
-        vlm: Optional[Path] = typer.Option(None, help="RUN/vlm.safetensors from `dusss pretrain` (dusss, amvlm)."),
-        config: Optional[Path] = typer.Option(None, help="YAML config."),
-        epochs: Optional[int] = typer.Option(None),
-        batch_size: Optional[int] = typer.Option(None),
-        image_size: Optional[int] = typer.Option(None),
-        lr: Optional[float] = typer.Option(None),
-        width: Optional[int] = typer.Option(None, help="U-Net base width (64 = the paper's 14.75 M)."),
-        device: Optional[str] = typer.Option(None),
-        precision: Optional[str] = typer.Option(None),
-        seed: Optional[int] = typer.Option(None),
-        patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs (paper: 20)."),
+        method: str | None = typer.Option(None, help="supervised | mt | dusss | amvlm (default dusss)."),
+        vlm: Path | None = typer.Option(None, help="RUN/vlm.safetensors from `dusss pretrain` (dusss, amvlm)."),
+        config: Path | None = typer.Option(None, help="YAML config."),
+        epochs: int | None = typer.Option(None),
+        batch_size: int | None = typer.Option(None),
+        image_size: int | None = typer.Option(None),
+        lr: float | None = typer.Option(None),
+        width: int | None = typer.Option(None, help="U-Net base width (64 = the paper's 14.75 M)."),
+        device: str | None = typer.Option(None),
+        precision: str | None = typer.Option(None),
+        seed: int | None = typer.Option(None),
+        patience: int | None = typer.Option(None, help="Early-stopping patience in epochs (paper: 20)."),
         resume: bool = typer.Option(False),
         overwrite: bool = typer.Option(False),
         quiet: bool = typer.Option(False),
@@ -100,7 +99,7 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., help="Run folder of `dusss train` or its model.safetensors."),
         data: Path = typer.Option(..., help="Manifest CSV."),
         split: str = typer.Option("test", help="train | val | test"),
-        out: Optional[Path] = typer.Option(None, help="Folder for metrics.json / per_image.csv (default RUN/eval)."),
+        out: Path | None = typer.Option(None, help="Folder for metrics.json / per_image.csv (default RUN/eval)."),
         empty_policy: str = typer.Option("skip", help="Images with an empty ground truth: skip (left out, counted) | one (1 if the prediction is empty too) | zero."),
         device: str = typer.Option("auto"),
     ) -> None:
@@ -113,7 +112,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def predict(
-        images: List[Path] = typer.Argument(..., help="Image files (PNG/JPG/TIF/NIfTI/DICOM)."),
+        images: list[Path] = typer.Argument(..., help="Image files (PNG/JPG/TIF/NIfTI/DICOM)."),
         model: Path = typer.Option(..., help="Run folder of `dusss train` or its model.safetensors."),
         out: Path = typer.Option(..., help="Output folder for masks and overlays."),
         device: str = typer.Option("auto"),
@@ -127,9 +126,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def textmap(
         image: Path = typer.Argument(..., help="One image."),
-        prompts: List[str] = typer.Argument(..., help="One or more texts."),
+        prompts: list[str] = typer.Argument(..., help="One or more texts."),
         vlm: Path = typer.Option(..., help="RUN/vlm.safetensors."),
-        model: Optional[Path] = typer.Option(None, help="A `dusss train` run whose trained grounding decoder to use."),
+        model: Path | None = typer.Option(None, help="A `dusss train` run whose trained grounding decoder to use."),
         out: Path = typer.Option(Path("textmap.png"), help="PNG to write (one panel per prompt)."),
         device: str = typer.Option("auto"),
     ) -> None:

@@ -47,7 +47,9 @@ def caption(
 
 @data_app.command("import-lvit")
 def import_lvit(
-    src: Annotated[Path, typer.Argument(help="LViT dataset folder ({Train,Val,Test}_Folder/{img,labelcol}).")],
+    src: Annotated[
+        Path, typer.Argument(help="LViT dataset folder ({Train,Val,Test}_Folder/{img,labelcol}).")
+    ],
     out: Annotated[Path, typer.Argument(help="Folder for manifest.csv (images are referenced, not copied).")],
 ) -> None:
     """Convert an LViT-layout dataset into a manifest; warn about unmatched images, masks and texts."""

@@ -31,7 +31,9 @@ def _to_tensor_image(image: np.ndarray) -> torch.Tensor:
 
 
 class _CachedRecords(Dataset):
-    def __init__(self, records: Sequence[Record], image_size: int, seed: int, policy: str, masks: bool) -> None:
+    def __init__(
+        self, records: Sequence[Record], image_size: int, seed: int, policy: str, masks: bool
+    ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
             raise ConfigError(f"image_size must be an integer >= 8, got {image_size!r}")
         if policy not in POLICIES:
@@ -147,7 +149,9 @@ class PretrainDataset(_CachedRecords):
         super().__init__(records, image_size, seed, policy, masks=False)
         for rec in self.records:
             if not rec.text.strip():
-                raise DataError(rec.image, f"manifest row {rec.row}: text is empty (pretraining needs a report)")
+                raise DataError(
+                    rec.image, f"manifest row {rec.row}: text is empty (pretraining needs a report)"
+                )
         self.text_aug = text_aug
         self.augment = augment
         self.intensity = intensity

@@ -65,9 +65,14 @@ def _read_xlsx(path: Path) -> list[tuple[str, str]]:
     try:
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as exc:  # noqa: BLE001 - a broken workbook is a user data problem
-        raise DataError(path, f"cannot read workbook ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        raise DataError(
+            path, f"cannot read workbook ({str(exc).splitlines()[0] if str(exc) else exc})"
+        ) from None
     try:
-        rows = [tuple("" if c is None else str(c) for c in r) for r in wb.worksheets[0].iter_rows(values_only=True)]
+        rows = [
+            tuple("" if c is None else str(c) for c in r)
+            for r in wb.worksheets[0].iter_rows(values_only=True)
+        ]
     finally:
         wb.close()
     return _pairs(path, rows)

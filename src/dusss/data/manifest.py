@@ -3,12 +3,13 @@
 Paths are relative to the manifest's folder (absolute paths are accepted too). `mask` may be empty for
 unlabeled-only rows; `split` is one of train/val/test; `case_id` groups slices of one patient (an empty
 case_id makes the row its own case). A row is identified by `Record.key`, the `image` string as written.
-`Record.row` is the row number as a spreadsheet shows it: the header is row 1, the first record row 2.
+`Record.row` is the line where the row starts in the file: the header is line 1, the first row line 2.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ def read_table(path: str | Path) -> list[tuple[int, dict[str, str]]]:
         raise DataError(p, f"cannot read manifest ({exc.strerror or exc})") from None
     if not text.strip():
         raise DataError(p, "manifest is empty (expected a header image,mask,text,split,case_id)")
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [h.strip() for h in next(reader)]
     except csv.Error as exc:
@@ -67,15 +68,15 @@ def read_table(path: str | Path) -> list[tuple[int, dict[str, str]]]:
             p, f"missing required column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'})"
         )
     rows: list[tuple[int, dict[str, str]]] = []
+    row_no = reader.line_num + 1  # the line where the next record starts; the header is line 1
     try:
         for cells in reader:
-            row_no = reader.line_num  # line of the record's last physical line; header is line 1
-            if not any(c.strip() for c in cells):
-                continue
-            if len(cells) > len(header):
-                raise DataError(p, f"row {row_no}: {len(cells)} cells but the header has {len(header)}")
-            cells = cells + [""] * (len(header) - len(cells))
-            rows.append((row_no, {h: c.strip() for h, c in zip(header, cells)}))
+            if any(c.strip() for c in cells):
+                if len(cells) > len(header):
+                    raise DataError(p, f"row {row_no}: {len(cells)} cells but the header has {len(header)}")
+                cells = cells + [""] * (len(header) - len(cells))
+                rows.append((row_no, {h: c.strip() for h, c in zip(header, cells)}))
+            row_no = reader.line_num + 1
     except csv.Error as exc:
         raise DataError(p, f"not a valid CSV file ({exc})") from None
     if not rows:
@@ -117,7 +118,9 @@ def read_manifest(path: str | Path) -> list[Record]:
         if problem:
             raise DataError(p, f"row {row_no}: {problem}")
         if values["image"] in seen:
-            raise DataError(p, f"row {row_no}: image {values['image']!r} already listed in row {seen[values['image']]}")
+            raise DataError(
+                p, f"row {row_no}: image {values['image']!r} already listed in row {seen[values['image']]}"
+            )
         seen[values["image"]] = row_no
         records.append(make_record(folder, row_no, values))
     return records

@@ -9,6 +9,7 @@ whose radiological convention puts the patient's left lung on the image's right.
 
 Phantom i depends only on (seed, i), so a larger `n` extends a smaller set; the split (60/20/20,
 at least one image per split) is drawn from its own stream. Same arguments -> identical bytes.
+Writing into an existing folder overwrites phantom_* files and manifest.csv and deletes nothing.
 """
 
 from __future__ import annotations

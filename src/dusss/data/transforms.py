@@ -51,9 +51,11 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     if image.shape[:2] == (h, w):
         return np.ascontiguousarray(image, dtype=np.float32)
     chans = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32)).resize(
-            (w, h), Image.Resampling.BILINEAR
-        ))
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32)).resize(
+                (w, h), Image.Resampling.BILINEAR
+            )
+        )
         for c in range(image.shape[2])
     ]
     return np.clip(np.stack(chans, axis=2), 0.0, 1.0).astype(np.float32)
@@ -105,7 +107,12 @@ def _bilinear(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     y0, x0 = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
     wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
     out = np.zeros(ys.shape + image.shape[2:], dtype=np.float64)
-    for dy, dx, wgt in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+    for dy, dx, wgt in (
+        (0, 0, (1 - wy) * (1 - wx)),
+        (0, 1, (1 - wy) * wx),
+        (1, 0, wy * (1 - wx)),
+        (1, 1, wy * wx),
+    ):
         yy, xx = y0 + dy, x0 + dx
         ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
         vals = np.zeros_like(out)

@@ -23,6 +23,13 @@ from dusss.errors import CheckpointError
 FORMAT = "dusss-checkpoint-v1"
 
 
+def _umask_mode() -> int:
+    """Permissions a normally created file gets (0o666 minus the umask), for temp files renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temp file in the same folder and an atomic rename."""
     path = Path(path)
@@ -33,6 +40,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -87,6 +95,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], kind: st
         save_file(flat, tmp, metadata={"format": FORMAT, "kind": kind, "meta": meta_json})
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -19,9 +19,21 @@ from dusss.engine.precision import autocast_context, resolve_device, set_threads
 from dusss.engine.runs import prepare_run_dir
 from dusss.engine.samplers import EpochSampler
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
-from dusss.engine.state import check_finite, cosine_lr, load_train_state, optimizer_from_tensors, save_train_state, set_lr
+from dusss.engine.state import (
+    check_finite,
+    cosine_lr,
+    load_train_state,
+    optimizer_from_tensors,
+    save_train_state,
+    set_lr,
+)
 from dusss.errors import DataError
-from dusss.methods.pretrain import PRETRAIN_METHODS, PretrainObjectiveConfig, build_pretrain_objective, retrieval_at_k
+from dusss.methods.pretrain import (
+    PRETRAIN_METHODS,
+    PretrainObjectiveConfig,
+    build_pretrain_objective,
+    retrieval_at_k,
+)
 from dusss.models.vlm import VisionLanguageModel, VLMConfig
 
 
@@ -199,4 +211,4 @@ def pretrain_summary(run: Path) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
-__all__ = ["PretrainConfig", "run_pretrain", "evaluate_retrieval", "pretrain_summary"]
+__all__ = ["PretrainConfig", "evaluate_retrieval", "pretrain_summary", "run_pretrain"]

@@ -26,7 +26,14 @@ from dusss.engine.precision import autocast_context, maybe_channels_last, resolv
 from dusss.engine.runs import copy_split, prepare_run_dir
 from dusss.engine.samplers import EpochSampler, cycle_to_length
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
-from dusss.engine.state import check_finite, cosine_lr, load_train_state, optimizer_from_tensors, save_train_state, set_lr
+from dusss.engine.state import (
+    check_finite,
+    cosine_lr,
+    load_train_state,
+    optimizer_from_tensors,
+    save_train_state,
+    set_lr,
+)
 from dusss.errors import ConfigError, DataError
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method
 from dusss.metrics import SegmentationMetrics
@@ -175,6 +182,9 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     val_loader = DataLoader(SegmentationDataset(parts["val"], cfg.image_size), batch_size=16, shuffle=False)
     pl_rows = parts["unlabeled_eval"][: cfg.pseudo_label_eval_max]
     pl_loader = DataLoader(SegmentationDataset(pl_rows, cfg.image_size), batch_size=16, shuffle=False) if pl_rows else None
+    for ds in (lab_ds, unl_ds):
+        if ds is not None:
+            ds.preload()  # decode + resize once; DataLoader workers then share the cache
     n_unl = len(parts["unlabeled"])
     # Same number of optimizer steps for every method: one epoch = one pass over the larger stream.
     steps_per_epoch = max(math.ceil(len(lab_ds) / bs_l), math.ceil(n_unl / bs_u) if n_unl else 0)
