@@ -178,7 +178,7 @@ def _css_side(
     kappa = torch.sigmoid(w2 / (_pairwise_sq(mu_q, mu_c) + eps))  # AMVLM constraint, guarded division
     logits = uncertainty_cosine(cos, kappa) / tau  # modulation on the cosine, tau applied after (A6 fixed)
     pair = q_mask[:, :, None] & q_mask[:, None, :]
-    logits = logits.masked_fill(~q_mask[:, None, :], MASK_VALUE)
+    logits = logits.masked_fill(~pair, MASK_VALUE)  # rows and columns: both CE directions see valid tokens only
     target = torch.arange(nq, device=q.device).expand(bsz, nq)
     ce_rows = F.cross_entropy(logits.reshape(bsz * nq, nq), target.reshape(-1), reduction="none").reshape(bsz, nq)
     logits_t = logits.transpose(1, 2)

@@ -4,12 +4,12 @@
 "image_aug": [B,3,S,S], "text": list[str], "text_aug": list[str], ...}. Table 2's ablation is two switches of
 `PretrainObjectiveConfig`: `sss` (SSS on/off, off = plain cosine logits) and `dcl` (IMC on/off).
 
-Under torch.distributed every contrastive term gathers embeddings, mu and sigma from all ranks with
-`gather_with_grad` (the local slot keeps its gradient) and scores the whole global batch, so the negatives do
-not shrink with the world size and each rank's gradient w.r.t. its own samples is exact. The training loop
-must still average parameter gradients across ranks (DDP or an all-reduce); that average is the global-batch
-gradient divided by the world size. AMVLM's token-level local loss uses local token rows against gathered
-globals (labels offset by rank*B), since token counts may differ across ranks.
+Under torch.distributed every contrastive term gathers embeddings, mu and sigma from all ranks with the
+differentiable `gather_with_grad` and scores the whole global batch on every rank (same loss everywhere), so
+the negatives do not shrink with the world size; once the loop averages parameter gradients over ranks (DDP
+or `sync_gradients`) the update equals the single-process update on the global batch. AMVLM's token-level
+local loss uses local token rows against gathered globals (labels offset by rank*B), since token counts may
+differ across ranks; averaged over ranks that is the mean of the per-rank losses, exactly.
 """
 
 from __future__ import annotations
@@ -100,10 +100,10 @@ def contrastive_pair(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Symmetric (SSS-)InfoNCE between paired unit embeddings x, y [B,d] (eqs 6-9), over the global batch.
 
-    x, y and the [CLS] Gaussians gx, gy = (mu, sigma) are gathered from all ranks with `gather_with_grad`;
-    the full [R·B, R·B] matrix is scored on every rank, so each rank's gradient w.r.t. its own rows is the
-    exact gradient of the global-batch loss (the local slot is the only one with grad). Without Gaussians (or
-    with `cfg.sss` off / lambda 0) the logits are cos/tau, i.e. CLIP. Returns (loss, D_SSS, W2 or None).
+    x, y and the [CLS] Gaussians gx, gy = (mu, sigma) are gathered from all ranks with `gather_with_grad`
+    and the full [R·B, R·B] matrix is scored on every rank (labels arange(R·B): the local rows sit at offset
+    rank·B). Without Gaussians (or with `cfg.sss` off / lambda 0) the logits are cos/tau, i.e. CLIP.
+    Returns (loss, D_SSS [R·B, R·B], W2 or None).
     """
     c = cfg or PretrainObjectiveConfig()
     g = dist.gather_with_grad

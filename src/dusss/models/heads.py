@@ -4,6 +4,8 @@
 * `LocalHead`: the same per token. Its BatchNorms are computed over the *valid* tokens only (padding is
   gathered out before the MLP and written back as zeros), so padded word positions never enter the batch
   statistics. MGCA's Conv1d version normalises over padding as well; this is the documented difference.
+* `norm="layer"` swaps both BatchNorms for LayerNorms (the last without affine): no running statistics, so
+  eval() equals train() behaviour even after a few fast-moving steps (an option; BN is the MGCA default).
 * `PDT`: token transformer that maps embeddings x [B,N,D] to a diagonal Gaussian per token, (mu, log sigma).
 """
 
@@ -14,22 +16,34 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+def _batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm1d that falls back to running statistics when a training batch has a single row."""
+    if not isinstance(bn, nn.BatchNorm1d):
+        return bn(x)
     if bn.training and x.shape[0] < 2:
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     return bn(x)
 
 
 class GlobalHead(nn.Module):
-    """MGCA GlobalEmbedding: Linear(in,hidden) -> BN -> ReLU -> Linear(hidden,out) -> BN(affine=False)."""
+    """MGCA GlobalEmbedding: Linear(in,hidden) -> BN -> ReLU -> Linear(hidden,out) -> BN(affine=False).
 
-    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int = 2048) -> None:
+    `norm="layer"` uses LayerNorm in both places instead (last one without affine)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int = 2048, norm: str = "batch") -> None:
         super().__init__()
+        if norm not in ("batch", "layer"):
+            raise ValueError(f"head norm must be 'batch' or 'layer', got {norm!r}")
         self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.bn1 = nn.BatchNorm1d(hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, out_dim)
-        self.bn2 = nn.BatchNorm1d(out_dim, affine=False)
+        self.bn1: nn.Module
+        self.bn2: nn.Module
+        if norm == "batch":
+            self.bn1 = nn.BatchNorm1d(hidden_dim)
+            self.bn2 = nn.BatchNorm1d(out_dim, affine=False)
+        else:
+            self.bn1 = nn.LayerNorm(hidden_dim)
+            self.bn2 = nn.LayerNorm(out_dim, elementwise_affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B,in] -> [B,out] (not normalised)."""

@@ -21,6 +21,7 @@ from dusss.errors import CheckpointError, ConfigError
 from dusss.models.image_encoders import quiet_transformers
 
 TEXT_KINDS = ("minilm", "hf")
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class TextEncoderConfig:
     first N transformer layers (e.g. 6 of Bio_ClinicalBERT's 12, as the authors did). `hidden_size`,
     `num_heads` and `intermediate_size` resize the model and need `random_init` (tiny test models).
     `trainable_layers`: -1 trains everything; k >= 0 freezes the embeddings and all but the top k layers.
+    `dropout` overrides the model's hidden and attention dropout (None keeps the checkpoint's, 0.1 for BERT;
+    very narrow random-init models need 0 to learn at all).
     """
 
     kind: str = "minilm"
@@ -43,6 +46,7 @@ class TextEncoderConfig:
     hidden_size: int | None = None
     num_heads: int | None = None
     intermediate_size: int | None = None
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
         check(self.kind in TEXT_KINDS, f"text.kind: {self.kind!r} is not one of {list(TEXT_KINDS)}")
@@ -51,6 +55,7 @@ class TextEncoderConfig:
         check(self.padding in ("longest", "max_length"), f"text.padding must be longest|max_length, got {self.padding!r}")
         check(self.trainable_layers >= -1, f"text.trainable_layers must be >= -1, got {self.trainable_layers}")
         check(self.num_layers is None or self.num_layers >= 1, "text.num_layers must be >= 1")
+        check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"text.dropout must be in [0,1), got {self.dropout}")
         resized = any(v is not None for v in (self.hidden_size, self.num_heads, self.intermediate_size))
         check(not resized or self.random_init,
               "text.hidden_size/num_heads/intermediate_size change the architecture and need text.random_init")
@@ -110,6 +115,10 @@ class HFTextEncoder(nn.Module):
                 if cfg.intermediate_size is not None:
                     overrides["intermediate_size"] = cfg.intermediate_size
                 conf = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False, **overrides)
+                if cfg.dropout is not None:
+                    for key in _DROPOUT_KEYS:
+                        if hasattr(conf, key):
+                            setattr(conf, key, cfg.dropout)
                 if cfg.random_init:
                     self.model = AutoModel.from_config(conf)
                 else:

@@ -53,6 +53,7 @@ class VLMConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 128
     head_hidden: int = 2048
+    head_norm: str = "batch"
     pdt_heads: int = 8
     pdt_mlp_ratio: float = 4.0
     pdt_dropout: float = 0.1
@@ -64,6 +65,7 @@ class VLMConfig:
     def __post_init__(self) -> None:
         check(self.embed_dim >= 2, f"embed_dim must be >= 2, got {self.embed_dim}")
         check(self.head_hidden >= 1, f"head_hidden must be >= 1, got {self.head_hidden}")
+        check(self.head_norm in ("batch", "layer"), f"head_norm must be 'batch' or 'layer', got {self.head_norm!r}")
         check(self.pdt_heads >= 2 and self.pdt_heads % 2 == 0 and self.embed_dim % self.pdt_heads == 0,
               f"pdt_heads must be even and divide embed_dim {self.embed_dim}, got {self.pdt_heads}")
         check(0.0 <= self.pdt_dropout < 1.0, "pdt_dropout must be in [0,1)")
@@ -100,11 +102,11 @@ class VisionLanguageModel(nn.Module):
         arch = arch or {}
         self.image_encoder = build_image_encoder(cfg.image, hf_config=arch.get("image"), load_weights=not rebuilding)
         self.text_encoder = build_text_encoder(cfg.text, hf_config=arch.get("text"))
-        d, hid = cfg.embed_dim, cfg.head_hidden
-        self.image_global = GlobalHead(self.image_encoder.cls_dim, d, hid)
-        self.image_local = LocalHead(self.image_encoder.out_dim, d, hid)
-        self.text_global = GlobalHead(self.text_encoder.out_dim, d, hid)
-        self.text_local = LocalHead(self.text_encoder.out_dim, d, hid)
+        d, hid, norm = cfg.embed_dim, cfg.head_hidden, cfg.head_norm
+        self.image_global = GlobalHead(self.image_encoder.cls_dim, d, hid, norm)
+        self.image_local = LocalHead(self.image_encoder.out_dim, d, hid, norm)
+        self.text_global = GlobalHead(self.text_encoder.out_dim, d, hid, norm)
+        self.text_local = LocalHead(self.text_encoder.out_dim, d, hid, norm)
         self.pdt_image = PDT(d, cfg.pdt_heads, cfg.pdt_mlp_ratio, cfg.pdt_dropout, cfg.pdt_dropout)
         self.pdt_text = PDT(d, cfg.pdt_heads, cfg.pdt_mlp_ratio, cfg.pdt_dropout, cfg.pdt_dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.tau_init)), requires_grad=cfg.learn_tau)
