@@ -30,6 +30,11 @@ def register(app: typer.Typer) -> None:
         lr: float | None = typer.Option(None),
         device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
         precision: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
+        channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last",
+                                                  help="channels_last memory format for the image encoder."),
+        grad_accum: int | None = typer.Option(None, help="Micro-batches per optimizer step (negatives stay per micro-batch)."),
+        compile_model: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the image encoder."),
+        num_workers: int | None = typer.Option(None, help="DataLoader worker processes."),
         seed: int | None = typer.Option(None),
         image_encoder: str | None = typer.Option(None, help="vit | efficientnet_lite0 | PATH to a local HF ViT/DeiT."),
         text_encoder: str | None = typer.Option(None, help="minilm | PATH to a local HF BERT-family model."),
@@ -45,7 +50,9 @@ def register(app: typer.Typer) -> None:
         from dusss.engine.pretrain import PretrainConfig, run_pretrain
 
         overrides = {"data": str(data), "out": str(out), "method": method, "epochs": epochs, "batch_size": batch_size,
-                     "image_size": image_size, "lr": lr, "device": device, "precision": precision, "seed": seed}
+                     "image_size": image_size, "lr": lr, "device": device, "precision": precision, "seed": seed,
+                     "channels_last": channels_last, "grad_accum": grad_accum, "compile": compile_model,
+                     "num_workers": num_workers}
         overrides.update(_encoder_overrides(image_encoder, text_encoder, random_init))
         if image_size is not None:
             overrides["vlm.image.image_size"] = image_size
@@ -57,7 +64,8 @@ def register(app: typer.Typer) -> None:
             overrides["progress"] = False
         cfg = load_config(PretrainConfig, config, overrides)
         ckpt = run_pretrain(cfg, overwrite=overwrite, resume=resume)
-        typer.echo(f"VLM written to {ckpt}")
+        if _is_rank0():
+            typer.echo(f"VLM written to {ckpt}")
 
     @app.command()
     def train(
@@ -73,7 +81,12 @@ def register(app: typer.Typer) -> None:
         lr: float | None = typer.Option(None),
         width: int | None = typer.Option(None, help="U-Net base width (64 = the paper's 14.75 M)."),
         device: str | None = typer.Option(None),
-        precision: str | None = typer.Option(None),
+        precision: str | None = typer.Option(None, help="fp32 | bf16 | fp16"),
+        channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last",
+                                                  help="channels_last memory format for the U-Net (faster convs)."),
+        grad_accum: int | None = typer.Option(None, help="Micro-batches per optimizer step (step = batch x grad_accum)."),
+        compile_model: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the student U-Net."),
+        num_workers: int | None = typer.Option(None, help="DataLoader worker processes."),
         seed: int | None = typer.Option(None),
         patience: int | None = typer.Option(None, help="Early-stopping patience in epochs (paper: 20)."),
         resume: bool = typer.Option(False),
@@ -87,12 +100,14 @@ def register(app: typer.Typer) -> None:
         overrides = {"data": str(data), "splits": str(splits), "out": str(out), "method": method,
                      "vlm": str(vlm) if vlm else None, "epochs": epochs, "batch_size": batch_size,
                      "image_size": image_size, "lr": lr, "unet.base_width": width, "device": device,
-                     "precision": precision, "seed": seed, "patience": patience}
+                     "precision": precision, "seed": seed, "patience": patience, "channels_last": channels_last,
+                     "grad_accum": grad_accum, "compile": compile_model, "num_workers": num_workers}
         if quiet:
             overrides["progress"] = False
         cfg = load_config(TrainConfig, config, overrides)
         run = run_train(cfg, overwrite=overwrite, resume=resume)
-        typer.echo(f"best model: {run / 'model.safetensors'}")
+        if _is_rank0():
+            typer.echo(f"best model: {run / 'model.safetensors'}")
 
     @app.command()
     def evaluate(
@@ -150,6 +165,13 @@ def register(app: typer.Typer) -> None:
 
         summary = run_demo(out, quick=quick, seed=seed, overwrite=overwrite)
         typer.echo(f"report: {Path(out) / 'report.html'}  ({summary['seconds']:.0f} s)")
+
+
+def _is_rank0() -> bool:
+    """False in the non-zero ranks of a torchrun launch (only rank 0 prints results)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _encoder_overrides(image_encoder: str | None, text_encoder: str | None, random_init: bool) -> dict:

@@ -6,6 +6,7 @@ A single process (no torchrun) needs none of this: every helper degrades to the 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,9 @@ def init_from_env(device: str = "cpu") -> bool:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1). Returns True if it did."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return False
-    backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+    spec = str(device).strip().lower()
+    wants_cuda = spec.startswith("cuda") or spec == "auto"
+    backend = "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend)
@@ -103,17 +106,114 @@ def barrier() -> None:
         dist.barrier()
 
 
-def sync_gradients(params: list[torch.nn.Parameter], average: bool = True) -> None:
+def sync_gradients(params: list[torch.nn.Parameter], average: bool = True,
+                   bucket_mb: float = 25.0) -> None:
     """All-reduce the gradients of `params` over ranks (mean by default, as DDP does); no-op in one process.
 
     Mean is right both for losses averaged over the local batch and for contrastive losses over features
-    gathered with `gather_with_grad`. Parameters without a gradient on this rank contribute zeros.
+    gathered with `gather_with_grad`. Parameters without a gradient on this rank contribute zeros (every rank
+    must pass the same list). Gradients are flattened into buckets of about `bucket_mb` MB per dtype and
+    device, so a model with hundreds of tensors costs a handful of collectives, not hundreds.
     """
     if not is_distributed():
         return
+    n = world_size()
+    buckets: dict[tuple[torch.dtype, torch.device], list[list[torch.Tensor]]] = {}
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+    limit = int(bucket_mb * 2**20)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        if average:
-            p.grad /= world_size()
+        g = p.grad
+        key = (g.dtype, g.device)
+        lists = buckets.setdefault(key, [[]])
+        nbytes = g.numel() * g.element_size()
+        if lists[-1] and sizes.get(key, 0) + nbytes > limit:
+            lists.append([])
+            sizes[key] = 0
+        lists[-1].append(g)
+        sizes[key] = sizes.get(key, 0) + nbytes
+    for lists in buckets.values():
+        for grads in lists:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            if average:
+                flat /= n
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0, buffers_only: bool = False) -> None:
+    """Copy `module`'s parameters and buffers from rank `src` to all ranks (no-op in one process).
+
+    Call it once after building a model (DDP does the same at wrap time), so that every rank starts from
+    rank 0's weights whatever the seeds. With `buffers_only` (floating-point buffers only: BatchNorm running
+    statistics), call it after each optimizer step to mirror DDP's `broadcast_buffers=True`.
+    """
+    if buffers_only:
+        tensors = [b for b in module.buffers() if b.is_floating_point()]
+    else:
+        tensors = [*module.parameters(), *module.buffers()]
+    broadcast_tensors(tensors, src)
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite each tensor in place with rank `src`'s values, one flat collective per dtype and device
+    (no-op in one process)."""
+    if not is_distributed() or not tensors:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    with torch.no_grad():
+        for group in groups.values():
+            flat = torch.cat([t.data.reshape(-1) for t in group])
+            dist.broadcast(flat, src=src)
+            offset = 0
+            for t in group:
+                t.data.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (identity in one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """A list with every rank's picklable `obj`, in rank order (`[obj]` in one process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_across_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is True on at least one (lets all ranks raise together)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+    """Per-key means of logged values over all ranks: sum of `sums[k]` ÷ sum of `counts[k]`.
+
+    Keys may differ between ranks (a term logged only when present); a key's mean is over the ranks and
+    steps that logged it. Every rank gets the same dict.
+    """
+    merged_s: dict[str, float] = {}
+    merged_c: dict[str, int] = {}
+    for s, c in all_gather_object((sums, counts)):
+        for k, v in s.items():
+            merged_s[k] = merged_s.get(k, 0.0) + float(v)
+            merged_c[k] = merged_c.get(k, 0) + int(c.get(k, 0))
+    return {k: merged_s[k] / max(merged_c[k], 1) for k in merged_s}

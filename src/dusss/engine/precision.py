@@ -76,6 +76,20 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, **kwargs: Any) -> torch
     return torch.compile(model, **kwargs)  # type: ignore[return-value]
 
 
+def compile_inplace(module: torch.nn.Module, enabled: bool, **kwargs: Any) -> torch.nn.Module:
+    """`module.compile(**kwargs)` when enabled: compiles the forward in place, so the module object, its
+    state-dict keys and every reference to it (methods, EMA teachers, checkpoints) stay as they are.
+
+    Compile after any `copy.deepcopy` of the module (EMA teachers, momentum encoders). Returns `module`.
+    """
+    if not enabled:
+        return module
+    if not hasattr(torch, "compile") or not hasattr(module, "compile"):
+        raise ConfigError("torch.compile is not available in this torch version; drop --compile")
+    module.compile(**kwargs)
+    return module
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP (`.module`) and/or torch.compile (`._orig_mod`) wrappers."""
     while True:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dusss.data.readers import read_image
 from dusss.engine.precision import resolve_device
@@ -40,7 +41,7 @@ def predict_files(model_path: str | Path, images: list[str | Path], out: str | P
         prob = predict_probability(model, image, size, dev)
         mask = (prob >= threshold).astype(np.uint8)
         mask_path = out / f"{path.stem}_mask.png"
-        save_png(mask * 255, mask_path)
+        Image.fromarray(mask * 255, mode="L").save(mask_path)  # single-channel 0/255
         if overlays:
             save_png(contour_overlay(image, None, mask), out / f"{path.stem}_overlay.png")
         written.append(mask_path)

@@ -15,7 +15,15 @@ from dusss.data.datasets import PretrainDataset
 from dusss.data.manifest import read_manifest
 from dusss.engine import distributed as dist
 from dusss.engine.logging import MetricsLogger, plot_curves, progress
-from dusss.engine.precision import autocast_context, resolve_device, set_threads
+from dusss.engine.precision import (
+    autocast_context,
+    channels_last_input,
+    compile_inplace,
+    make_grad_scaler,
+    maybe_channels_last,
+    resolve_device,
+    set_threads,
+)
 from dusss.engine.runs import prepare_run_dir
 from dusss.engine.samplers import EpochSampler
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
@@ -27,7 +35,7 @@ from dusss.engine.state import (
     save_train_state,
     set_lr,
 )
-from dusss.errors import DataError
+from dusss.errors import ConfigError, DataError
 from dusss.methods.pretrain import (
     PRETRAIN_METHODS,
     PretrainObjectiveConfig,
@@ -53,6 +61,9 @@ class PretrainConfig:
     warmup_fraction: float = 0.05
     device: str = "auto"
     precision: str = "fp32"
+    channels_last: bool = False
+    grad_accum: int = 1
+    compile: bool = False
     seed: int = 0
     num_workers: int = 0
     threads: int = 0
@@ -66,18 +77,31 @@ class PretrainConfig:
         check(self.method in PRETRAIN_METHODS, f"method: {self.method!r} is not one of {sorted(PRETRAIN_METHODS)}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 2, f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
+        check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         check(self.image_size >= 32 and self.image_size % 16 == 0, f"image_size must be a multiple of 16 >= 32, got {self.image_size}")
         check(self.lr > 0 and self.encoder_lr >= 0, "lr must be > 0 and encoder_lr >= 0")
         check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}")
 
 
+def pretrained_encoders(cfg: VLMConfig) -> tuple[str, ...]:
+    """Attribute prefixes of the encoders that start from pretrained weights (they train at `encoder_lr`)."""
+    out = []
+    image_pretrained = not cfg.image.random_init and (cfg.image.kind == "efficientnet_lite0" or cfg.image.path)
+    if image_pretrained:
+        out.append("image_encoder.")
+    if not cfg.text.random_init:
+        out.append("text_encoder.")
+    return tuple(out)
+
+
 def _encoder_param_groups(vlm: torch.nn.Module, cfg: PretrainConfig) -> list[dict[str, Any]]:
-    """Pretrained encoders at `encoder_lr`, new heads/PDT/temperature at `lr`."""
+    """Pretrained encoders at `encoder_lr`; randomly initialised encoders, heads, PDT, temperature at `lr`."""
     enc, rest = [], []
+    prefixes = pretrained_encoders(cfg.vlm)
     for name, p in vlm.named_parameters():
         if not p.requires_grad:
             continue
-        (enc if name.startswith(("image_encoder.", "text_encoder.")) else rest).append(p)
+        (enc if prefixes and name.startswith(prefixes) else rest).append(p)
     groups = [{"params": rest, "lr": cfg.lr}]
     if enc and cfg.encoder_lr > 0:
         groups.append({"params": enc, "lr": cfg.encoder_lr})
@@ -86,17 +110,18 @@ def _encoder_param_groups(vlm: torch.nn.Module, cfg: PretrainConfig) -> list[dic
 
 @torch.no_grad()
 def evaluate_retrieval(vlm: VisionLanguageModel, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Image→text and text→image R@1/R@5 over a whole split (one embedding per row)."""
+    """Image→text and text→image R@1/R@5 over a whole split; rows with the same report count as correct."""
     was_training = vlm.training
     vlm.eval()
-    imgs, txts = [], []
+    imgs, txts, texts = [], [], []
     for batch in loader:
+        texts.extend(batch["text"])
         imgs.append(vlm.encode_image(batch["image"].to(device))["global"].float().cpu())
         txts.append(vlm.encode_text(list(batch["text"]))["global"].float().cpu())
     vlm.train(was_training)
     if not imgs:
         return {}
-    return retrieval_at_k(torch.cat(imgs), torch.cat(txts))
+    return retrieval_at_k(torch.cat(imgs), torch.cat(txts), groups=texts)
 
 
 def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
@@ -115,8 +140,14 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
 
     train_ds = PretrainDataset(train_rec, cfg.image_size, seed=cfg.seed, text_aug=cfg.text_aug)
     sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True, drop_last=True)
-    per_rank = max(2, cfg.batch_size // dist.world_size())
-    loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
+    # batch_size is the global batch of one forward pass (the contrastive negatives, gathered over ranks).
+    world, accum = dist.world_size(), cfg.grad_accum
+    per_rank = cfg.batch_size // world
+    if cfg.batch_size % world or (per_rank < 2 and cfg.vlm.head_norm == "batch"):
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({world})"
+                          f"{' with at least 2 rows per process (BatchNorm heads)' if cfg.vlm.head_norm == 'batch' else ''}")
+    loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda")
     val_loader = None
     if val_rec:
         from dusss.data.datasets import SegmentationDataset
@@ -124,6 +155,10 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
         val_loader = DataLoader(SegmentationDataset(val_rec, cfg.image_size), batch_size=64, shuffle=False)
 
     vlm = VisionLanguageModel(cfg.vlm).to(device)
+    dist.broadcast_module(vlm)  # rank 0's initial weights everywhere (ranks are seeded differently)
+    for enc in (vlm.image_encoder, vlm.image_encoder_m):
+        maybe_channels_last(enc, cfg.channels_last)
+        compile_inplace(enc, cfg.compile)  # in place: state-dict keys and the momentum pairing unchanged
     objective = build_pretrain_objective(cfg.method, cfg.objective)
     if isinstance(objective, torch.nn.Module):
         objective.to(device)
@@ -134,7 +169,14 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
             params.append({"params": obj_params, "lr": cfg.lr})
     optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     trainable = [p for group in params for p in group["params"]]
-    steps_per_epoch = max(1, len(loader))
+    dist.broadcast_tensors(trainable)
+    scaler = make_grad_scaler(cfg.precision, device)
+    if len(loader) < accum:
+        raise ConfigError(f"grad_accum {accum} needs at least {accum} batches of {cfg.batch_size} per epoch; "
+                          f"the train split gives {len(loader)}")
+    # An optimizer step = grad_accum micro-batches (negatives stay within a micro-batch: accumulation is not
+    # a bigger contrastive batch; more processes are). Leftover micro-batches of an epoch are skipped.
+    steps_per_epoch = max(1, len(loader) // accum)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_fraction * total_steps)
 
@@ -159,25 +201,42 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
         train_ds.set_epoch(epoch)
         vlm.train()
         sums: dict[str, float] = {}
-        n = 0
+        counts: dict[str, int] = {}
         t0 = time.time()
-        for batch in progress(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}", total=len(loader), enabled=cfg.progress):
-            set_lr(optimizer, cosine_lr(step, total_steps, 1.0, warmup))
+        n_micro = steps_per_epoch * accum
+        for i, batch in enumerate(progress(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}", total=n_micro,
+                                           enabled=cfg.progress)):
+            if i >= n_micro:
+                break
+            if i % accum == 0:  # first micro-batch of an optimizer step
+                set_lr(optimizer, cosine_lr(step, total_steps, 1.0, warmup))
+                optimizer.zero_grad(set_to_none=True)
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            for key in ("image", "image_aug"):
+                if cfg.channels_last and key in batch:
+                    batch[key] = channels_last_input(batch[key], True)
             with autocast_context(device, cfg.precision):
                 loss, logs = objective(vlm, batch)
-            check_finite(loss, step, ckpt if ckpt.exists() else None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.sync_gradients(trainable, average=True)
-            optimizer.step()
-            vlm.update_momentum()
-            step += 1
-            n += 1
+            finite = bool(torch.isfinite(loss.detach()).all())
+            if dist.any_across_ranks(not finite, device):  # all ranks stop together
+                check_finite(loss if not finite else loss.detach() * float("nan"), step,
+                             ckpt if ckpt.exists() else None)
+            scaler.scale(loss / accum).backward()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        row: dict[str, Any] = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
-        row["seconds_per_epoch"] = time.time() - t0
+                counts[k] = counts.get(k, 0) + 1
+            if i % accum != accum - 1:
+                continue
+            dist.sync_gradients(trainable, average=True)
+            scaler.step(optimizer)
+            scaler.update()
+            dist.broadcast_module(vlm, buffers_only=True)  # BatchNorm heads: rank 0's statistics everywhere
+            vlm.update_momentum()
+            step += 1
+        seconds = time.time() - t0
+        row: dict[str, Any] = {f"train/{k}": v for k, v in dist.mean_over_ranks(sums, counts).items()}
+        row["seconds_per_epoch"] = seconds
+        row["images_per_s"] = n_micro * cfg.batch_size / max(seconds, 1e-9)
         row["lr"] = optimizer.param_groups[0]["lr"]
         if val_loader is not None and dist.is_main():
             row.update({f"val/{k}": v for k, v in evaluate_retrieval(vlm, val_loader, device).items()})
@@ -193,7 +252,7 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
             save_train_state(state_path, modules, optimizer,
                              {"epoch": epoch + 1, "step": step, "rng": rng_state()})
             assert logger is not None
-            logger.log(epoch + 1, row)
+            logger.log(step, row, epoch=epoch + 1)
             plot_curves(run / "metrics.jsonl", run / "curves.png")
         dist.barrier()
     if logger:

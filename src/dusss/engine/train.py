@@ -22,9 +22,17 @@ from dusss.data.splits import load_split
 from dusss.engine import distributed as dist
 from dusss.engine.checkpoint import load_checkpoint, save_checkpoint
 from dusss.engine.logging import MetricsLogger, plot_curves, progress
-from dusss.engine.precision import autocast_context, maybe_channels_last, resolve_device, set_threads
+from dusss.engine.precision import (
+    autocast_context,
+    channels_last_input,
+    compile_inplace,
+    make_grad_scaler,
+    maybe_channels_last,
+    resolve_device,
+    set_threads,
+)
 from dusss.engine.runs import copy_split, prepare_run_dir
-from dusss.engine.samplers import EpochSampler, cycle_to_length
+from dusss.engine.samplers import EpochSampler
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
 from dusss.engine.state import (
     check_finite,
@@ -62,6 +70,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
+    grad_accum: int = 1
+    compile: bool = False
     seed: int = 0
     num_workers: int = 0
     threads: int = 0
@@ -76,6 +86,7 @@ class TrainConfig:
         check(self.method in SEG_METHODS, f"method: {self.method!r} is not one of {sorted(SEG_METHODS)}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         check(self.unlabeled_batch_size >= 0, "unlabeled_batch_size must be >= 0 (0 = batch_size)")
         check(self.image_size >= 32 and self.image_size % 16 == 0, f"image_size must be a multiple of 16 >= 32, got {self.image_size}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -84,8 +95,11 @@ class TrainConfig:
         check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if channels_last and torch.is_tensor(out.get("image")):
+        out["image"] = channels_last_input(out["image"], True)
+    return out
 
 
 def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, list[Record]]:
@@ -162,6 +176,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
         copy_split(cfg.splits, run)
 
     student = UNet(cfg.unet).to(device)
+    dist.broadcast_module(student)  # every rank starts from rank 0's weights (as DDP does at wrap time)
     maybe_channels_last(student, cfg.channels_last)
     needs_vlm = SEG_METHODS[cfg.method].needs_vlm
     vlm = None
@@ -175,8 +190,16 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     method.to(device)
     uses_unlabeled = method.uses_unlabeled and bool(parts["unlabeled"])
 
+    # batch_size / unlabeled_batch_size are global micro-batches, split evenly over the ranks; one optimizer
+    # step sees batch_size x grad_accum labeled images whatever the number of processes.
+    world, accum = dist.world_size(), cfg.grad_accum
     bs_l = cfg.batch_size
     bs_u = cfg.unlabeled_batch_size or cfg.batch_size
+    if bs_l % world or bs_u % world:
+        raise ConfigError(f"batch_size {bs_l} and unlabeled batch size {bs_u} must be multiples of the number of "
+                          f"processes ({world}): they are global batches split evenly over the ranks")
+    rbs_l, rbs_u = bs_l // world, bs_u // world
+    pin = device.type == "cuda"
     lab_ds = SegmentationDataset(parts["labeled"], cfg.image_size, augment=cfg.augment, seed=cfg.seed)
     unl_ds = SegmentationDataset(parts["unlabeled"], cfg.image_size, augment=cfg.augment, seed=cfg.seed + 1) if parts["unlabeled"] else None
     val_loader = DataLoader(SegmentationDataset(parts["val"], cfg.image_size), batch_size=16, shuffle=False)
@@ -186,14 +209,22 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
         if ds is not None:
             ds.preload()  # decode + resize once; DataLoader workers then share the cache
     n_unl = len(parts["unlabeled"])
-    # Same number of optimizer steps for every method: one epoch = one pass over the larger stream.
-    steps_per_epoch = max(math.ceil(len(lab_ds) / bs_l), math.ceil(n_unl / bs_u) if n_unl else 0)
-    steps_per_epoch = max(1, steps_per_epoch // dist.world_size())
+    # Same number of optimizer steps for every method and any number of processes: one epoch = one pass over
+    # the larger stream in global steps of (batch size x grad_accum) images.
+    steps_per_epoch = max(1, math.ceil(len(lab_ds) / (bs_l * accum)),
+                          math.ceil(n_unl / (bs_u * accum)) if n_unl else 0)
+    micro_per_epoch = steps_per_epoch * accum
     total_steps = steps_per_epoch * cfg.epochs
-    lab_sampler = EpochSampler(len(lab_ds), seed=cfg.seed, shuffle=True)
-    unl_sampler = EpochSampler(n_unl, seed=cfg.seed + 1, shuffle=True) if n_unl else None
+    # Rank r takes perm[r::world] of each pass (fresh permutation per pass): the first global batch is the
+    # same set of rows as a single process's first batch.
+    lab_sampler = EpochSampler(len(lab_ds), seed=cfg.seed, shuffle=True, length=micro_per_epoch * rbs_l)
+    unl_sampler = (EpochSampler(n_unl, seed=cfg.seed + 1, shuffle=True, length=micro_per_epoch * rbs_u)
+                   if n_unl else None)
 
     params = [p for p in method.parameters() if p.requires_grad]
+    dist.broadcast_tensors(params)  # text-mask decoder and friends: rank 0's initial weights everywhere
+    compile_inplace(student, cfg.compile)  # after the EMA teacher's deep copy; state-dict keys unchanged
+    scaler = make_grad_scaler(cfg.precision, device)
     # No weight decay on scalars, biases and norm parameters (gates, kappa/beta, temperatures).
     optimizer = torch.optim.AdamW([
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -227,37 +258,47 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
             if ds is not None:
                 ds.set_epoch(epoch)
         lab_sampler.set_epoch(epoch)
-        lab_idx = cycle_to_length(list(lab_sampler), steps_per_epoch * bs_l)
-        lab_loader = DataLoader(lab_ds, batch_size=bs_l, sampler=lab_idx, num_workers=cfg.num_workers)
-        unl_iter = iter([None] * steps_per_epoch)
+        lab_loader = DataLoader(lab_ds, batch_size=rbs_l, sampler=list(lab_sampler), num_workers=cfg.num_workers,
+                                pin_memory=pin)
+        unl_iter = iter([None] * micro_per_epoch)
         if uses_unlabeled and unl_sampler is not None and unl_ds is not None:
             unl_sampler.set_epoch(epoch)
-            unl_idx = cycle_to_length(list(unl_sampler), steps_per_epoch * bs_u)
-            unl_iter = iter(DataLoader(unl_ds, batch_size=bs_u, sampler=unl_idx, num_workers=cfg.num_workers))
+            unl_iter = iter(DataLoader(unl_ds, batch_size=rbs_u, sampler=list(unl_sampler),
+                                       num_workers=cfg.num_workers, pin_memory=pin))
         method.train()
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         t0 = time.time()
-        n = 0
-        for lab_batch in progress(lab_loader, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
-                                  enabled=cfg.progress):
+        for i, lab_batch in enumerate(progress(lab_loader, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}",
+                                               total=micro_per_epoch, enabled=cfg.progress)):
             unl_batch = next(unl_iter)
-            set_lr(optimizer, cosine_lr(step, total_steps, 1.0, int(cfg.warmup_fraction * total_steps)))
-            lab_batch = _to_device(lab_batch, device)
-            unl_batch = _to_device(unl_batch, device) if unl_batch is not None else None
+            if i % accum == 0:  # first micro-batch of an optimizer step
+                set_lr(optimizer, cosine_lr(step, total_steps, 1.0, int(cfg.warmup_fraction * total_steps)))
+                optimizer.zero_grad(set_to_none=True)
+            lab_batch = _to_device(lab_batch, device, cfg.channels_last)
+            unl_batch = _to_device(unl_batch, device, cfg.channels_last) if unl_batch is not None else None
             with autocast_context(device, cfg.precision):
                 loss, logs = method.loss(lab_batch, unl_batch, step, total_steps)
-            check_finite(loss, step, best_path if best_path.exists() else None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.sync_gradients(params, average=True)
-            optimizer.step()
-            method.after_step(step)
-            step += 1
-            n += 1
+            finite = bool(torch.isfinite(loss.detach()).all())
+            if dist.any_across_ranks(not finite, device):  # all ranks stop together
+                check_finite(loss if not finite else loss.detach() * float("nan"), step,
+                             best_path if best_path.exists() else None)
+            scaler.scale(loss / accum).backward()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        row: dict[str, Any] = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
-        row["seconds_per_epoch"] = time.time() - t0
+                counts[k] = counts.get(k, 0) + 1
+            if i % accum != accum - 1:
+                continue
+            dist.sync_gradients(params, average=True)
+            scaler.step(optimizer)
+            scaler.update()
+            dist.broadcast_module(student, buffers_only=True)  # rank 0's BatchNorm statistics (DDP's default)
+            method.after_step(step)
+            step += 1
+        seconds = time.time() - t0
+        row: dict[str, Any] = {f"train/{k}": v for k, v in dist.mean_over_ranks(sums, counts).items()}
+        row["seconds_per_epoch"] = seconds
+        row["images_per_s"] = micro_per_epoch * (bs_l + (bs_u if uses_unlabeled else 0)) / max(seconds, 1e-9)
         row["lr"] = optimizer.param_groups[0]["lr"]
         if dist.is_main():
             val = validate(student, val_loader, device, cfg.precision, cfg.threshold)
@@ -285,23 +326,16 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
                              {"epoch": epoch + 1, "step": step, "best_dice": best_dice, "best_epoch": best_epoch,
                               "bad_epochs": bad_epochs, "rng": rng_state()})
             assert logger is not None
-            logger.log(epoch + 1, row)
+            logger.log(step, row, epoch=epoch + 1)
             plot_curves(run / "metrics.jsonl", run / "curves.png")
-        bad_epochs = int(_broadcast_int(bad_epochs))
+        # Early-stopping state lives on rank 0; every rank takes the same decision (works for gloo and NCCL).
+        best_dice, best_epoch, bad_epochs = dist.broadcast_object((best_dice, best_epoch, bad_epochs))
         dist.barrier()
     if logger:
         logger.close()
     if dist.is_main():
         (run / "DONE").write_text(f"{time.time() - t_run:.1f}\n")
     return run
-
-
-def _broadcast_int(value: int) -> int:
-    if not dist.is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.long)
-    torch.distributed.broadcast(t, src=0)
-    return int(t.item())
 
 
 def _save_text_mask(method: Any, run: Path, cfg: TrainConfig) -> None:
