@@ -237,8 +237,10 @@ def test_two_process_pretraining_matches_one_process(two_ranks: Path, phantoms: 
     assert set(one) == set(two)
     moved = 0.0
     for name, ref in one.items():
-        # 3 AdamW steps at lr 1e-3 move weights by ~1e-3; the two runs agree 50x closer than that
-        assert torch.allclose(two[name], ref, rtol=1e-4, atol=2e-5), (name, float((two[name] - ref).abs().max()))
+        # 3 AdamW steps at lr 1e-3 move weights by ~1e-3. The runs differ only by summation order (~1e-7 in
+        # the gradients), which AdamW's g/sqrt(v) enlarges for a few near-zero gradients: 3 of 1.1 M weights
+        # differ by 1e-5 to 3e-5 here, all others by less than 1e-5.
+        assert torch.allclose(two[name], ref, rtol=1e-4, atol=1e-4), (name, float((two[name] - ref).abs().max()))
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # the ranks never diverge
         if ref.is_floating_point():
             moved = max(moved, float((ref - init[name]).abs().max()))
@@ -282,7 +284,7 @@ def test_torch_distributed_run_launches_the_cli(phantoms: tuple[Path, Path], tmp
            "--method", "mt", "--width", "4", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
            "--device", "cpu", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=130)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=130)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("best model:") == 1  # printed by rank 0 only
     rows = read_metrics(out / "metrics.jsonl")
