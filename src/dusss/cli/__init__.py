@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except OSError as exc:  # a file the user named cannot be read or written: name it and the reason
+        if debug:
+            raise
+        if exc.filename is not None and exc.strerror:
+            print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        else:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
     except Exception as exc:
         if debug:
             raise

@@ -120,7 +120,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Dice, mIoU and HD95 of the student (protocol in README)."""
         from dusss.engine.evaluate import evaluate_run
+        from dusss.errors import ConfigError
 
+        if empty_policy not in ("skip", "one", "zero"):
+            raise ConfigError(f"--empty-policy must be skip, one or zero, got {empty_policy!r}")
         result = evaluate_run(model, data, split=split, out=out, device=device, empty_policy=empty_policy)
         keys = ("n_images", "dice", "iou", "hd95", "global_dice")
         typer.echo(json.dumps({k: result[k] for k in keys if k in result}, indent=2))

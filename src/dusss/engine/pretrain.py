@@ -14,6 +14,7 @@ from dusss.config import check, to_dict
 from dusss.data.datasets import PretrainDataset
 from dusss.data.manifest import read_manifest
 from dusss.engine import distributed as dist
+from dusss.engine.checkpoint import load_state_into
 from dusss.engine.logging import MetricsLogger, plot_curves, progress
 from dusss.engine.precision import (
     autocast_context,
@@ -136,9 +137,9 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
     val_rec = [r for r in records if r.split == "val" and r.text.strip()]
     if len(train_rec) < cfg.batch_size:
         raise DataError(cfg.data, f"train split has {len(train_rec)} rows with text, fewer than batch_size {cfg.batch_size}")
-    run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain")
 
     train_ds = PretrainDataset(train_rec, cfg.image_size, seed=cfg.seed, text_aug=cfg.text_aug)
+    train_ds.preload()  # decode + resize once (a bad file fails before the run folder is touched)
     sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True, drop_last=True)
     # batch_size is the global batch of one forward pass (the contrastive negatives, gathered over ranks).
     world, accum = dist.world_size(), cfg.grad_accum
@@ -153,6 +154,7 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
         from dusss.data.datasets import SegmentationDataset
 
         val_loader = DataLoader(SegmentationDataset(val_rec, cfg.image_size), batch_size=64, shuffle=False)
+        val_loader.dataset.preload()
 
     vlm = VisionLanguageModel(cfg.vlm).to(device)
     dist.broadcast_module(vlm)  # rank 0's initial weights everywhere (ranks are seeded differently)
@@ -180,19 +182,22 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_fraction * total_steps)
 
+    # Everything above only reads: a bad input fails before the run folder is created or touched.
+    run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain",
+                          frozen_on_resume=("vlm", "method"))
     state_path = run / "state.safetensors"
     logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step = 0, 0
     if resume and state_path.is_file():
         modules, otensors, _, meta = load_train_state(state_path)
-        vlm.load_state_dict(modules["vlm"])
+        load_state_into(vlm, modules.get("vlm", {}), state_path)
         if isinstance(objective, torch.nn.Module) and "objective" in modules:
             objective.load_state_dict(modules["objective"])
         optimizer_from_tensors(optimizer, otensors, meta["optimizer"])
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
         set_rng_state(meta["rng"])
-        if logger:
-            logger.truncate_after(start_epoch)
+    if resume and logger:
+        logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
 
     ckpt = run / "vlm.safetensors"
     t_start = time.time()
@@ -246,14 +251,15 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
 
             save_checkpoint(ckpt, tensors, "vlm", {**meta, "method": cfg.method, "epoch": epoch + 1,
                                                      "image_size": cfg.image_size, "objective": to_dict(cfg.objective)})
+            assert logger is not None
+            logger.log(step, row, epoch=epoch + 1)
+            plot_curves(run / "metrics.jsonl", run / "curves.png")
+            # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
             modules = {"vlm": vlm.state_dict()}
             if isinstance(objective, torch.nn.Module) and len(objective.state_dict()):
                 modules["objective"] = objective.state_dict()
             save_train_state(state_path, modules, optimizer,
                              {"epoch": epoch + 1, "step": step, "rng": rng_state()})
-            assert logger is not None
-            logger.log(step, row, epoch=epoch + 1)
-            plot_curves(run / "metrics.jsonl", run / "curves.png")
         dist.barrier()
     if logger:
         logger.close()

@@ -14,7 +14,8 @@ A run folder is marked by `run.json` (kind, creation time, command line, history
 Re-entering (same kind, same config, no flag) starts the same run over in place: the config, versions
 and run record are rewritten, nothing else is deleted; the caller starts fresh (e.g. a fresh
 `MetricsLogger`) and its files replace the old ones as they are written. (*) Resuming with a changed
-config is allowed (e.g. more epochs): the changed keys are recorded in run.json and a warning is shown.
+config is allowed (e.g. more epochs): the changed keys are recorded in run.json and a warning is shown;
+keys the caller freezes (`frozen_on_resume`, e.g. the architecture) may not change (DusssError).
 (**) Without run.json the folder is not known to be ours, so nothing in it is deleted.
 "Clearing" removes everything inside a folder that holds run.json.
 
@@ -183,12 +184,15 @@ def prepare_run_dir(
     resume: bool = False,
     kind: str = "train",
     ignore: Iterable[str] = (),
+    frozen_on_resume: Iterable[str] = (),
 ) -> Path:
     """Create or re-open run folder `out` for a run of `kind` with resolved `config` (dict or dataclass).
 
     Applies the guard in the module docstring (a different run → one-line DusssError), then rank 0 writes
     config.yaml, versions.json and run.json. `ignore` lists dotted config keys that do not make a run
-    different (e.g. "device", "progress"). Returns the folder.
+    different (e.g. "device", "progress"). `frozen_on_resume` lists dotted keys (or sections) that a resume
+    may not change (the architecture: its checkpoint would not load); changing one is refused before
+    anything is written. Returns the folder.
 
     Under torchrun call it on every rank: it synchronises them with two barriers.
     """
@@ -220,6 +224,12 @@ def prepare_run_dir(
                                  "pass --overwrite or choose another output folder")
             raise DusssError(f"{out}: already holds a run (of kind {old_kind!r}); pass --overwrite or --resume")
         elif resume:
+            frozen = tuple(frozen_on_resume)
+            locked = [c for c in changed if any(c.split(":", 1)[0] == f or c.startswith(f + ".") for f in frozen)]
+            if locked:
+                raise DusssError(f"{out}: cannot resume with a different {locked[0]}"
+                                 f"{f' (and {len(locked) - 1} more)' if len(locked) > 1 else ''}; "
+                                 "pass --overwrite to start a new run or choose another output folder")
             event = "resumed"
         elif changed:
             raise DusssError(f"{out}: already holds a run (config differs: {changed[0]}"

@@ -20,7 +20,7 @@ from dusss.data.datasets import SegmentationDataset
 from dusss.data.manifest import Record, read_manifest
 from dusss.data.splits import load_split
 from dusss.engine import distributed as dist
-from dusss.engine.checkpoint import load_checkpoint, save_checkpoint
+from dusss.engine.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from dusss.engine.logging import MetricsLogger, plot_curves, progress
 from dusss.engine.precision import (
     autocast_context,
@@ -114,7 +114,6 @@ def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, li
 def load_segmentation_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
     """Load a student U-Net written by `dusss train` (a run folder or its model.safetensors)."""
     from dusss.config import from_dict
-    from dusss.engine.checkpoint import load_state_into
 
     path = Path(path)
     if path.is_dir():
@@ -171,9 +170,6 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
         raise DataError(cfg.splits, "no labeled training rows")
     if not parts["val"]:
         raise DataError(cfg.splits, "val split is empty: needed for early stopping and model selection")
-    run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="train")
-    if dist.is_main():
-        copy_split(cfg.splits, run)
 
     student = UNet(cfg.unet).to(device)
     dist.broadcast_module(student)  # every rank starts from rank 0's weights (as DDP does at wrap time)
@@ -205,9 +201,9 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     val_loader = DataLoader(SegmentationDataset(parts["val"], cfg.image_size), batch_size=16, shuffle=False)
     pl_rows = parts["unlabeled_eval"][: cfg.pseudo_label_eval_max]
     pl_loader = DataLoader(SegmentationDataset(pl_rows, cfg.image_size), batch_size=16, shuffle=False) if pl_rows else None
-    for ds in (lab_ds, unl_ds):
+    for ds in (lab_ds, unl_ds, val_loader.dataset, pl_loader.dataset if pl_loader is not None else None):
         if ds is not None:
-            ds.preload()  # decode + resize once; DataLoader workers then share the cache
+            ds.preload()  # decode + resize once (a bad file fails before the run folder is touched)
     n_unl = len(parts["unlabeled"])
     # Same number of optimizer steps for every method and any number of processes: one epoch = one pass over
     # the larger stream in global steps of (batch size x grad_accum) images.
@@ -231,21 +227,26 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ], lr=cfg.lr)
 
+    # Everything above only reads: a bad input fails before the run folder is created or touched.
+    run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="train",
+                          frozen_on_resume=("unet", "method"))
+    if dist.is_main():
+        copy_split(cfg.splits, run)
     state_path = run / "state.safetensors"
     best_path = run / "model.safetensors"
     logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step, best_dice, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
     if resume and state_path.is_file():
         modules, otensors, _, meta = load_train_state(state_path)
-        student.load_state_dict(modules["student"])
+        load_state_into(student, modules.get("student", {}), state_path)
         if "method" in modules:
             method.load_state_dict(modules["method"])
         optimizer_from_tensors(optimizer, otensors, meta["optimizer"])
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
         best_dice, best_epoch, bad_epochs = float(meta["best_dice"]), int(meta["best_epoch"]), int(meta["bad_epochs"])
         set_rng_state(meta["rng"])
-        if logger:
-            logger.truncate_after(start_epoch)
+    if resume and logger:
+        logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
 
     meta_common = {"unet": to_dict(cfg.unet), "image_size": cfg.image_size, "method": cfg.method,
                    "threshold": cfg.threshold, "input": "RGB float in [0,1], resized to image_size (bilinear)",
@@ -318,6 +319,10 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
             row.update({"best/val_dice": best_dice, "best/epoch": best_epoch})
             save_checkpoint(run / "last.safetensors", student.state_dict(), MODEL_KIND,
                             {**meta_common, "epoch": epoch + 1, "val_dice": dice})
+            assert logger is not None
+            logger.log(step, row, epoch=epoch + 1)
+            plot_curves(run / "metrics.jsonl", run / "curves.png")
+            # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
             modules = {"student": student.state_dict()}
             msd = method.state_dict()
             if msd:
@@ -325,9 +330,6 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
             save_train_state(state_path, modules, optimizer,
                              {"epoch": epoch + 1, "step": step, "best_dice": best_dice, "best_epoch": best_epoch,
                               "bad_epochs": bad_epochs, "rng": rng_state()})
-            assert logger is not None
-            logger.log(step, row, epoch=epoch + 1)
-            plot_curves(run / "metrics.jsonl", run / "curves.png")
         # Early-stopping state lives on rank 0; every rank takes the same decision (works for gloo and NCCL).
         best_dice, best_epoch, bad_epochs = dist.broadcast_object((best_dice, best_epoch, bad_epochs))
         dist.barrier()

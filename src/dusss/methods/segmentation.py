@@ -55,10 +55,10 @@ class SegMethodConfig:
     consistency_weight: float = 1.0  # λ_max
     rampup_fraction: float = 0.4  # T_r as a fraction of all optimizer steps; 0 = no ramp-up (the code)
     ema_decay: float = 0.99  # α of eq 13 (warm-up min(1 − 1/(t+1), α))
-    ema_buffers: Literal["copy", "ema"] = "copy"  # BN running stats copied from the student, or EMA'd
+    ema_buffers: Literal["copy", "ema"] = "ema"  # BN running stats EMA-averaged with the weights, or copied
     seg_loss: Literal["dice_bce", "bce"] = "dice_bce"  # L_sup (eq 15)
     semi_loss: Literal["bce", "dice_bce"] = "bce"  # ℓ of eqs 16-17
-    consistency: Literal["bce", "mse"] = "bce"  # mt consistency
+    consistency: Literal["bce", "mse"] = "mse"  # mt consistency (MSE of probabilities, as in Mean Teacher)
     text_term: bool = True  # eq 17 (L_semi^text); False → L_semi = L_semi^merged
     merge: Literal["logit", "prob"] = "logit"  # "prob" = repro of the code's probability-space merge (S3)
     tg_weight: float = 1.0  # L_tg (eq 12)

@@ -60,9 +60,10 @@ class LocalHead(GlobalHead):
             return super().forward(x.reshape(b * n, -1)).reshape(b, n, -1)
         valid = mask.reshape(b * n).bool()
         flat = x.reshape(b * n, -1)
-        out = flat.new_zeros(b * n, self.fc2.out_features)
-        if bool(valid.any()):
-            out = out.index_put((valid.nonzero(as_tuple=True)[0],), super().forward(flat[valid]))
+        if not bool(valid.any()):
+            return flat.new_zeros(b * n, self.fc2.out_features).reshape(b, n, -1)
+        vals = super().forward(flat[valid])  # bf16 under autocast: the zeros take its dtype
+        out = vals.new_zeros(b * n, vals.shape[-1]).index_put((valid.nonzero(as_tuple=True)[0],), vals)
         return out.reshape(b, n, -1)
 
 

@@ -1,0 +1,462 @@
+"""Throughput benchmark: images/s, peak memory and the fraction of the machine's matmul peak reached by
+
+  (i)   VLM pre-training steps (DuSSS objective, the default VLM: ViT-192x4 + MiniLM-L6, 128 px, batch 16);
+  (ii)  U-Net training steps of the dusss method: student + EMA teacher + text masks from the frozen default
+        VLM, AdamW, at the paper's size (224 px, U-Net base width 64, 14.75 M parameters) and the demo's
+        (96 px, width 16, batch 8 + 8), fp32 and bf16 autocast + channels_last;
+  (iii) inference of the student alone (no text), same sizes and precisions.
+
+    python benchmarks/throughput.py                    # CPU (<= 5 minutes on 2 cores)
+    python benchmarks/throughput.py --device cuda      # same cases on a GPU (bigger batches, more steps)
+    python benchmarks/throughput.py --quick            # smoke run (tiny step counts)
+
+Method. Each case runs one untimed step (it counts the FLOPs the first time a model/batch is seen), then
+`warmup` more untimed steps and `steps` timed ones (median step time; see `Sizes`). The model
+FLOPs of one step (forward + backward for training; matmuls, convolutions and attention, counted by
+`torch.utils.flop_counter.FlopCounterMode` on one untimed step) divided by the step time give FLOP/s; the
+fraction is that over the measured peak of a large `torch.matmul` in the step's compute dtype (fp32 cases
+against the fp32 peak, bf16 cases against the bf16 peak). The peak is measured before and after the cases
+and the higher value is used. Peak memory: on CPU the process's peak resident set (VmHWM, reset per case
+through /proc/self/clear_refs; the cases share one process, so it includes what is resident anyway, about
+the "base" column); on CUDA `torch.cuda.max_memory_allocated`. tcmalloc (Debian's google-perftools) is
+used for a second pass of the U-Net training cases when its library is installed; otherwise the JSON says so.
+
+Writes benchmarks/results/throughput.json (or --out) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
+TCMALLOC_GLOBS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so*", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so*",
+                  "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so*", "/usr/lib/aarch64-linux-gnu/libtcmalloc.so*")
+
+REPORTS = [
+    "Bilateral pulmonary infection, two infected areas, middle left lung and middle right lung.",
+    "Unilateral pulmonary infection, one infected area, lower left lung.",
+    "No pulmonary infection.",
+    "Bilateral pulmonary infection, three infected areas, upper left lung and lower right lung.",
+]
+
+
+@dataclass
+class Sizes:
+    """Batches and step counts per device (CPU: fits 5 minutes on 2 cores)."""
+
+    vlm_batch: int = 16
+    paper_batch: int = 1  # labeled = unlabeled = paper_batch at 224 px (2 images per step through the student)
+    demo_batch: int = 8
+    infer_paper_batch: int = 2
+    infer_demo_batch: int = 16
+    warmup: int = 0  # extra untimed steps; the FLOP-counting (or first) step of each case always warms up
+    steps: int = 2
+    matmul_n: int = 2048
+
+
+CPU_SIZES = Sizes()
+CUDA_SIZES = Sizes(vlm_batch=16, paper_batch=8, demo_batch=8, infer_paper_batch=32, infer_demo_batch=64,
+                   warmup=3, steps=10, matmul_n=8192)
+QUICK_SIZES = Sizes(vlm_batch=4, paper_batch=1, demo_batch=2, infer_paper_batch=1, infer_demo_batch=2,
+                    warmup=0, steps=1, matmul_n=512)
+
+
+@dataclass
+class Result:
+    case: str
+    kind: str  # pretrain | train | inference
+    image_size: int
+    model: str
+    batch: int  # images per step
+    precision: str
+    channels_last: bool
+    allocator: str = "default"
+    step_s: float = 0.0
+    images_per_s: float = 0.0
+    flops_per_step: float = 0.0
+    tflops: float = 0.0
+    fraction_of_peak: float = 0.0
+    peak_mem_mb: float = 0.0
+    base_mem_mb: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb(field_name: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def reset_peak(device: torch.device) -> float:
+    """Reset the peak-memory counter; returns the memory in use now (MB)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+    return _rss_mb("VmRSS")
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _rss_mb("VmHWM")
+
+
+def time_steps(step: Callable[[int], Any], device: torch.device, warmup: int, steps: int) -> list[float]:
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(warmup + i)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def count_flops(step: Callable[[int], Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(0)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n torch.matmul in `dtype`."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    from dusss.engine.precision import autocast_context
+
+    return autocast_context(device, precision)
+
+
+# ---------------------------------------------------------------------------------------------- cases
+def vlm_pretrain_case(device: torch.device, precision: str, sz: Sizes) -> tuple[Callable[[int], Any], Result]:
+    from dusss.methods.pretrain import build_pretrain_objective
+    from dusss.models.vlm import VisionLanguageModel, VLMConfig
+
+    torch.manual_seed(0)
+    cfg = VLMConfig()
+    cfg.image.image_size = 128
+    vlm = VisionLanguageModel(cfg).to(device).train()
+    objective = build_pretrain_objective("dusss")
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    b = sz.vlm_batch
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(b, 3, 128, 128, generator=g).to(device),
+             "image_aug": torch.rand(b, 3, 128, 128, generator=g).to(device),
+             "text": [REPORTS[i % len(REPORTS)] for i in range(b)],
+             "text_aug": [REPORTS[(i + 1) % len(REPORTS)] for i in range(b)]}
+
+    def step(_: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss, _logs = objective(vlm, batch)
+        loss.backward()
+        opt.step()
+        vlm.update_momentum()
+
+    n_params = sum(p.numel() for n, p in vlm.named_parameters() if not n.split(".")[0].endswith("_m"))
+    return step, Result(case="VLM pre-training step", kind="pretrain", image_size=128,
+                        model=f"default VLM ({n_params / 1e6:.1f} M online)", batch=b, precision=precision,
+                        channels_last=False)
+
+
+def _seg_batches(b: int, size: int, device: torch.device, channels_last: bool) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def one(labeled: bool) -> dict:
+        img = torch.rand(b, 3, size, size, generator=g).to(device).contiguous(memory_format=fmt)
+        mask = (torch.rand(b, 1, size, size, generator=g) > 0.7).float().to(device)
+        return {"image": img, "mask": mask if labeled else torch.zeros_like(mask),
+                "has_mask": torch.full((b,), labeled), "text": [REPORTS[i % len(REPORTS)] for i in range(b)]}
+
+    return one(True), one(False)
+
+
+_VLM_CACHE: dict[tuple[int, str], Any] = {}
+
+
+def _frozen_vlm(size: int, device: torch.device) -> Any:
+    """The default VLM at `size` px (random ViT, packaged MiniLM), built once per size: Step 2 freezes it."""
+    from dusss.models.vlm import VisionLanguageModel, VLMConfig
+
+    key = (size, str(device))
+    if key not in _VLM_CACHE:
+        torch.manual_seed(0)
+        cfg = VLMConfig()
+        cfg.image.image_size = size
+        _VLM_CACHE.clear()
+        _VLM_CACHE[key] = VisionLanguageModel(cfg).to(device).eval()
+    return _VLM_CACHE[key]
+
+
+def unet_train_case(device: torch.device, precision: str, channels_last: bool, size: int, width: int, b: int
+                    ) -> tuple[Callable[[int], Any], Result]:
+    from dusss.engine.precision import maybe_channels_last
+    from dusss.methods.segmentation import SegMethodConfig, build_seg_method
+    from dusss.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    student = maybe_channels_last(UNet(UNetConfig(base_width=width)).to(device), channels_last)
+    method = build_seg_method("dusss", SegMethodConfig(), student, _frozen_vlm(size, device))
+    method.to(device)
+    method.train()
+    params = method.parameters()
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    lab, unl = _seg_batches(b, size, device, channels_last)
+
+    def step(i: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss, _logs = method.loss(lab, unl, i, 100)
+        loss.backward()
+        opt.step()
+        method.after_step(i)
+
+    return step, Result(case="U-Net training step (dusss: student + EMA teacher + text mask)", kind="train",
+                        image_size=size, model=f"U-Net w{width} ({student.num_parameters() / 1e6:.2f} M)",
+                        batch=2 * b, precision=precision, channels_last=channels_last)
+
+
+def unet_infer_case(device: torch.device, precision: str, channels_last: bool, size: int, width: int, b: int
+                    ) -> tuple[Callable[[int], Any], Result]:
+    from dusss.engine.precision import maybe_channels_last
+    from dusss.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = maybe_channels_last(UNet(UNetConfig(base_width=width)).to(device), channels_last).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.rand(b, 3, size, size, device=device).contiguous(memory_format=fmt)
+
+    def step(_: int) -> None:
+        with torch.inference_mode(), autocast(device, precision):
+            torch.sigmoid(model(x).float())
+
+    return step, Result(case="U-Net inference (student only)", kind="inference", image_size=size,
+                        model=f"U-Net w{width} ({model.num_parameters() / 1e6:.2f} M)", batch=b,
+                        precision=precision, channels_last=channels_last)
+
+
+_FLOPS: dict[tuple[Any, ...], float] = {}
+
+
+def run_case(build: Callable[[], tuple[Callable[[int], Any], Result]], device: torch.device, sz: Sizes,
+             peaks: dict[str, float], allocator: str) -> Result:
+    base = reset_peak(device)
+    step, res = build()
+    res.allocator = allocator
+    key = (res.case, res.image_size, res.model, res.batch)
+    if key not in _FLOPS:  # the same ops in every precision: count once (this step also warms up)
+        _FLOPS[key] = count_flops(step)
+    else:
+        step(0)
+    res.flops_per_step = _FLOPS[key]
+    times = time_steps(step, device, sz.warmup, max(sz.steps, 1))
+    res.step_times = [round(t, 4) for t in times]
+    res.step_s = statistics.median(times)
+    res.images_per_s = res.batch / res.step_s
+    res.tflops = res.flops_per_step / res.step_s / 1e12
+    res.fraction_of_peak = res.tflops * 1e12 / peaks["bf16" if res.precision == "bf16" else "fp32"]
+    res.peak_mem_mb = peak_mb(device)
+    res.base_mem_mb = base
+    print(f"  {res.case} {res.image_size}px {res.model} {res.precision}{' +CL' if res.channels_last else ''}: "
+          f"{res.images_per_s:.2f} img/s, {res.tflops * 1e3:.1f} GFLOP/s ({100 * res.fraction_of_peak:.0f} %), "
+          f"peak {res.peak_mem_mb:.0f} MB", flush=True)
+    del step
+    gc.collect()
+    return res
+
+
+def build_cases(device: torch.device, sz: Sizes, only_train: bool = False
+                ) -> list[Callable[[], tuple[Callable[[int], Any], Result]]]:
+    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    precisions = [("fp32", False)] + ([("bf16", True)] if bf16 else [("fp16", True)])
+    cases: list[Callable[[], tuple[Callable[[int], Any], Result]]] = []
+    if not only_train:
+        for prec, _ in precisions:
+            cases.append(lambda prec=prec: vlm_pretrain_case(device, prec, sz))
+    for size, width, b in ((224, 64, sz.paper_batch), (96, 16, sz.demo_batch)):
+        for prec, cl in precisions:
+            cases.append(lambda prec=prec, cl=cl, size=size, width=width, b=b:
+                         unet_train_case(device, prec, cl, size, width, b))
+    if not only_train:
+        for size, width, b in ((224, 64, sz.infer_paper_batch), (96, 16, sz.infer_demo_batch)):
+            for prec, cl in precisions:
+                cases.append(lambda prec=prec, cl=cl, size=size, width=width, b=b:
+                             unet_infer_case(device, prec, cl, size, width, b))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def find_tcmalloc() -> str | None:
+    import glob
+
+    for pattern in TCMALLOC_GLOBS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "platform": platform.platform(), "device": str(device),
+                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    return info
+
+
+def markdown(report: dict[str, Any]) -> str:
+    peaks = report["matmul_peak_tflops"]
+    machine = report["machine"]
+    head = (f"Machine: {machine.get('gpu') or machine.get('cpu', '?')}, {machine['threads']} threads, "
+            f"torch {machine['torch']}; matmul peak fp32 {peaks['fp32'] * 1e3:.0f} GFLOP/s, "
+            f"bf16 {peaks['bf16'] * 1e3:.0f} GFLOP/s (n = {report['sizes']['matmul_n']}).")
+    columns = ("case", "px", "model", "images/step", "precision", "alloc", "step (s)", "images/s", "GFLOP/image",
+               "GFLOP/s", "% of matmul peak", "peak mem (MB)")
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in report["results"]:
+        prec = r["precision"] + (" + channels_last" if r["channels_last"] else "")
+        lines.append(f"| {r['case']} | {r['image_size']} | {r['model']} | {r['batch']} | {prec} | {r['allocator']} | "
+                     f"{r['step_s']:.3f} | {r['images_per_s']:.2f} | {r['flops_per_step'] / r['batch'] / 1e9:.2f} | "
+                     f"{r['tflops'] * 1e3:.1f} | {100 * r['fraction_of_peak']:.0f} % | {r['peak_mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--quick", action="store_true", help="tiny batches and 1 step per case (smoke test)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON to write")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--no-tcmalloc", action="store_true", help="skip the tcmalloc pass even if it is installed")
+    ap.add_argument("--only-train", action="store_true", help=argparse.SUPPRESS)  # the tcmalloc child pass
+    ap.add_argument("--allocator", default="default", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from dusss.engine.precision import resolve_device, set_threads
+
+    t_start = time.time()
+    device = resolve_device(args.device)
+    set_threads(args.threads)
+    sz = QUICK_SIZES if args.quick else (CUDA_SIZES if device.type == "cuda" else CPU_SIZES)
+    low = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    print(f"device {device}, {torch.get_num_threads()} threads; matmul peaks ...", flush=True)
+    peaks0 = {"fp32": matmul_peak(device, torch.float32, sz.matmul_n), "bf16": matmul_peak(device, low, sz.matmul_n)}
+    results = [run_case(build, device, sz, peaks0, args.allocator)
+               for build in build_cases(device, sz, only_train=args.only_train)]
+    peaks1 = {"fp32": matmul_peak(device, torch.float32, sz.matmul_n), "bf16": matmul_peak(device, low, sz.matmul_n)}
+    peaks = {k: max(peaks0[k], peaks1[k]) for k in peaks0}
+    for r in results:  # fractions against the better of the two peak measurements
+        r.fraction_of_peak = r.tflops * 1e12 / peaks["bf16" if r.precision in ("bf16", "fp16") else "fp32"]
+
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(device), "sizes": asdict(sz),
+        "matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
+        "matmul_peak_runs_tflops": {"before": {k: v / 1e12 for k, v in peaks0.items()},
+                                    "after": {k: v / 1e12 for k, v in peaks1.items()}},
+        "results": [asdict(r) for r in results],
+    }
+    if args.only_train:  # child pass: hand the results to the parent
+        print("JSON:" + json.dumps(report))
+        return 0
+
+    lib = find_tcmalloc()
+    if device.type != "cpu":
+        report["tcmalloc"] = {"status": "not applicable (GPU run)"}
+    elif lib is None:
+        report["tcmalloc"] = {"status": "not installed", "looked_for": list(TCMALLOC_GLOBS)}
+    elif args.no_tcmalloc:
+        report["tcmalloc"] = {"status": f"skipped (--no-tcmalloc); found {lib}"}
+    else:
+        env = {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()}
+        cmd = [sys.executable, __file__, "--device", args.device, "--only-train", "--allocator", "tcmalloc",
+               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("JSON:")), None)
+        if proc.returncode or line is None:
+            report["tcmalloc"] = {"status": f"failed (exit {proc.returncode})", "library": lib,
+                                  "stderr": proc.stderr[-2000:]}
+        else:
+            child = json.loads(line[5:])
+            for r in child["results"]:
+                r["fraction_of_peak"] = r["tflops"] / report["matmul_peak_tflops"][
+                    "bf16" if r["precision"] in ("bf16", "fp16") else "fp32"]
+            report["results"].extend(child["results"])
+            report["tcmalloc"] = {"status": "used for a second pass of the U-Net training cases", "library": lib}
+    report["seconds"] = round(time.time() - t_start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(markdown(report))
+    print(f"\ntcmalloc: {report['tcmalloc']['status']}")
+    print(f"wrote {args.out} in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
