@@ -21,7 +21,15 @@ app = typer.Typer(
 )
 
 
+_REGISTERED = False
+
+
 def _register() -> None:
+    """Attach the commands once (main() may run many times in one process, e.g. in tests)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
     from dusss.cli import commands, data, export
 
     app.add_typer(data.data_app, name="data")

@@ -25,7 +25,7 @@ from dusss.engine.precision import (
     resolve_device,
     set_threads,
 )
-from dusss.engine.runs import prepare_run_dir
+from dusss.engine.runs import check_run_dir, prepare_run_dir
 from dusss.engine.samplers import EpochSampler
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
 from dusss.engine.state import (
@@ -131,6 +131,9 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
     device = resolve_device(cfg.device)
     set_threads(cfg.threads)
     seed_everything(cfg.seed + dist.rank())
+    # a taken output folder is reported at once (prepare_run_dir decides again, and writes, further down)
+    check_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain",
+                  frozen_on_resume=("vlm", "method"))
     records = read_manifest(cfg.data)
     train_split = ("train", "val") if cfg.include_val_in_training else ("train",)
     train_rec = [r for r in records if r.split in train_split and r.text.strip()]

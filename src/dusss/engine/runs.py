@@ -177,33 +177,18 @@ def _clear(folder: Path) -> None:
             p.unlink()
 
 
-def prepare_run_dir(
-    out: str | Path,
-    config: Mapping[str, Any] | Any,
-    overwrite: bool = False,
-    resume: bool = False,
-    kind: str = "train",
-    ignore: Iterable[str] = (),
-    frozen_on_resume: Iterable[str] = (),
-) -> Path:
-    """Create or re-open run folder `out` for a run of `kind` with resolved `config` (dict or dataclass).
-
-    Applies the guard in the module docstring (a different run → one-line DusssError), then rank 0 writes
-    config.yaml, versions.json and run.json. `ignore` lists dotted config keys that do not make a run
-    different (e.g. "device", "progress"). `frozen_on_resume` lists dotted keys (or sections) that a resume
-    may not change (the architecture: its checkpoint would not load); changing one is refused before
-    anything is written. Returns the folder.
-
-    Under torchrun call it on every rank: it synchronises them with two barriers.
-    """
-    out = Path(out)
+def _plain_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
     cfg = plain(config)
     if not isinstance(cfg, dict):
         raise TypeError("config must be a mapping or a dataclass")
+    return cfg
+
+
+def _decide(out: Path, cfg: dict[str, Any], overwrite: bool, resume: bool, kind: str, ignore: Iterable[str],
+            frozen_on_resume: Iterable[str]) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """The guard of the module docstring, read-only: (run record or None, event, changed keys) or DusssError."""
     if out.exists() and not out.is_dir():
         raise DusssError(f"{out}: exists and is not a folder")
-
-    # --- decide (every rank, read-only) ---
     record = _read_json(out / RUN_FILE) if (out / RUN_FILE).is_file() else None
     if (out / RUN_FILE).is_file() and not isinstance(record, dict):
         record = {"kind": None}  # unreadable run.json: still a run folder
@@ -240,6 +225,48 @@ def prepare_run_dir(
     elif out.is_dir() and _visible_entries(out) and not overwrite:
         raise DusssError(f"{out}: folder is not empty and holds no dusss run; "
                          "pass --overwrite to write into it or choose another output folder")
+    return record, event, changed
+
+
+def check_run_dir(
+    out: str | Path,
+    config: Mapping[str, Any] | Any,
+    overwrite: bool = False,
+    resume: bool = False,
+    kind: str = "train",
+    ignore: Iterable[str] = (),
+    frozen_on_resume: Iterable[str] = (),
+) -> None:
+    """Raise the DusssError `prepare_run_dir` would raise for these arguments, writing nothing.
+
+    For a loop to call before it reads data or builds models, so that a taken output folder is reported at
+    once; `prepare_run_dir` decides again (same answer) when the run actually starts. No collective ops.
+    """
+    _decide(Path(out), _plain_config(config), overwrite, resume, kind, ignore, frozen_on_resume)
+
+
+def prepare_run_dir(
+    out: str | Path,
+    config: Mapping[str, Any] | Any,
+    overwrite: bool = False,
+    resume: bool = False,
+    kind: str = "train",
+    ignore: Iterable[str] = (),
+    frozen_on_resume: Iterable[str] = (),
+) -> Path:
+    """Create or re-open run folder `out` for a run of `kind` with resolved `config` (dict or dataclass).
+
+    Applies the guard in the module docstring (a different run → one-line DusssError), then rank 0 writes
+    config.yaml, versions.json and run.json. `ignore` lists dotted config keys that do not make a run
+    different (e.g. "device", "progress"). `frozen_on_resume` lists dotted keys (or sections) that a resume
+    may not change (the architecture: its checkpoint would not load); changing one is refused before
+    anything is written. Returns the folder.
+
+    Under torchrun call it on every rank: it synchronises them with two barriers.
+    """
+    out = Path(out)
+    cfg = _plain_config(config)
+    record, event, changed = _decide(out, cfg, overwrite, resume, kind, ignore, frozen_on_resume)
     barrier()  # every rank has read before rank 0 writes
 
     # --- write (rank 0) ---

@@ -31,7 +31,7 @@ from dusss.engine.precision import (
     resolve_device,
     set_threads,
 )
-from dusss.engine.runs import copy_split, prepare_run_dir
+from dusss.engine.runs import check_run_dir, copy_split, prepare_run_dir
 from dusss.engine.samplers import EpochSampler
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
 from dusss.engine.state import (
@@ -163,6 +163,9 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     device = resolve_device(cfg.device)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
+    # a taken output folder is reported at once (prepare_run_dir decides again, and writes, further down)
+    check_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="train",
+                  frozen_on_resume=("unet", "method"))
     records = read_manifest(cfg.data)
     split = load_split(cfg.splits, records)
     parts = _split_records(records, split)
