@@ -132,7 +132,15 @@ WORKER = COMMON + textwrap.dedent('''
         loss.backward()
         params = [p for p in vlm.parameters() if p.requires_grad]
         distributed.sync_gradients(params)
-        torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in vlm.named_parameters() if p.requires_grad}},
+        # a parameter with a gradient on rank 0 only gets half of it everywhere; one unused on every rank
+        # keeps grad None (the optimizer skips it, as in one process)
+        a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+        if rank == 0:
+            a.grad = torch.ones(3)
+        distributed.sync_gradients([a, b])
+        sparse_ok = torch.equal(a.grad, torch.full((3,), 0.5)) and b.grad is None
+        torch.save({"loss": loss.detach(), "sparse_ok": sparse_ok,
+                    "grads": {n: p.grad for n, p in vlm.named_parameters() if p.requires_grad}},
                    tmp / f"objective_rank{rank}.pt")
         # (b) the pre-training loop
         pretrain_mod.run_pretrain(pretrain_config(data, tmp / "runs2" / "pretrain"))
@@ -205,13 +213,15 @@ def test_gathered_objective_equals_single_process_loss_and_gradients(two_ranks: 
     loss.backward()
     for rank in range(2):
         res = torch.load(two_ranks / f"objective_rank{rank}.pt")
+        assert res["sparse_ok"]
         assert torch.allclose(res["loss"], loss.detach(), rtol=1e-5, atol=1e-6), (rank, res["loss"], loss)
         grads = res["grads"]
         assert set(grads) == {n for n, p in vlm.named_parameters() if p.requires_grad}
         for name, p in vlm.named_parameters():
             if p.requires_grad:
-                ref = p.grad if p.grad is not None else torch.zeros_like(p)
-                assert torch.allclose(grads[name], ref, rtol=1e-4, atol=1e-6), (rank, name)
+                assert (grads[name] is None) == (p.grad is None), name
+                if p.grad is not None:
+                    assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-6), (rank, name)
 
 
 @pytest.mark.timeout(200)

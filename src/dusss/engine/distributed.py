@@ -111,17 +111,25 @@ def sync_gradients(params: list[torch.nn.Parameter], average: bool = True,
     """All-reduce the gradients of `params` over ranks (mean by default, as DDP does); no-op in one process.
 
     Mean is right both for losses averaged over the local batch and for contrastive losses over features
-    gathered with `gather_with_grad`. Parameters without a gradient on this rank contribute zeros (every rank
-    must pass the same list). Gradients are flattened into buckets of about `bucket_mb` MB per dtype and
-    device, so a model with hundreds of tensors costs a handful of collectives, not hundreds.
+    gathered with `gather_with_grad`. Every rank must pass the same list. A parameter without a gradient on
+    some ranks contributes zeros there; one without a gradient on every rank keeps `grad = None`, so the
+    optimizer skips it exactly as in one process. Gradients are flattened into buckets of about `bucket_mb`
+    MB per dtype and device, so a model with hundreds of tensors costs a handful of collectives.
     """
     if not is_distributed():
         return
     n = world_size()
+    params = list(params)
+    if not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(has, op=dist.ReduceOp.SUM)
     buckets: dict[tuple[torch.dtype, torch.device], list[list[torch.Tensor]]] = {}
     sizes: dict[tuple[torch.dtype, torch.device], int] = {}
     limit = int(bucket_mb * 2**20)
-    for p in params:
+    for p, used in zip(params, has.tolist()):
+        if not used:
+            continue  # no rank produced a gradient: leave it None everywhere
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         g = p.grad
