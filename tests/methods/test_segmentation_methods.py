@@ -112,7 +112,7 @@ def test_build_errors() -> None:
 
 @pytest.mark.parametrize("name", ["supervised", "mt", "dusss", "amvlm"])
 def test_loss_is_finite_and_reaches_the_student_not_the_teacher(name: str) -> None:
-    method, student, vlm = _build(name)
+    method, student, vlm = _build(name, text_gate_dice=0.0)  # gate open: every term of eqs 14-18 present
     method.train()
     loss, logs = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=3, total_steps=10)
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -222,7 +222,7 @@ def test_state_dict_round_trip_restores_teacher_and_generator() -> None:
     with torch.no_grad():
         method.text_mask.decoder.gates[0].fill_(0.3)
     state = method.state_dict()
-    assert state and all(k.startswith(("teacher.", "text_mask.")) for k in state)
+    assert state and all(k.startswith(("teacher.", "text_mask.")) or k == "text_reliability" for k in state)
     assert not any(k.startswith("text_mask.vlm.") for k in state)
     torch.manual_seed(1)
     other = build_seg_method("dusss", SegMethodConfig(), UNet(UNetConfig(base_width=8)), vlm)
@@ -260,3 +260,30 @@ def test_config_from_dict_with_nested_text_mask() -> None:
         from_dict(SegMethodConfig, {"merge": "probability"})
     with pytest.raises(ConfigError):
         SegMethodConfig(rampup_fraction=1.5)
+
+
+def test_text_gate_keeps_an_unreliable_text_mask_out_of_the_pseudo_label() -> None:
+    from dusss.losses.segmentation import semi_loss
+
+    lab, unl = _batch(2, 1, True), _batch(2, 2, False)
+    # Gate at 1.0 can never open: L_semi must equal the teacher-only merged BCE with no eq-17 term.
+    method, student, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=1.0, tg_weight=0.0)
+    method.train()
+    _, logs = method.loss(lab, unl, step=5, total_steps=10)
+    assert logs["text_gate"] == 0.0 and 0.0 <= logs["text_reliability"] <= 1.0
+    with torch.no_grad():
+        method.student.eval()
+        z = method.student(torch.cat([lab["image"], unl["image"]]))[2:]
+        method.student.train()
+    z_t = method.teacher(unl["image"])
+    expected, _ = semi_loss(z, z_t, torch.zeros_like(z_t), "bce", use_text_term=False)
+    assert "semi_text" not in logs
+    assert logs["semi"] == pytest.approx(float(expected), rel=0.2)  # BN batch vs running stats differ slightly
+    # Gate at 0 (the paper): the text term is present.
+    method, _, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=0.0, tg_weight=0.0)
+    method.train()
+    _, logs = method.loss(lab, unl, step=5, total_steps=10)
+    assert logs["text_gate"] == 1.0 and "semi_text" in logs
+    # The running reliability is part of the resumable state.
+    state = method.state_dict()
+    assert "text_reliability" in state

@@ -64,6 +64,10 @@ class SegMethodConfig:
     tg_weight: float = 1.0  # L_tg (eq 12)
     text_supervised_weight: float = 1.0  # BCE(z_text, y) on labeled images
     teacher_noise: float = 0.0  # std of Gaussian noise on the teacher's input (0 = same tensor)
+    # Text gate: the text mask enters L_semi (merge + eq 17) only once its running Dice on the labeled images
+    # reaches this value; before that L_semi^merged uses the teacher alone. 0 = always on (the paper).
+    text_gate_dice: float = 0.3
+    text_gate_momentum: float = 0.9  # EMA of the text mask's Dice on labeled batches
     text_mask: TextMaskConfig = field(default_factory=TextMaskConfig)
 
     def __post_init__(self) -> None:
@@ -81,6 +85,8 @@ class SegMethodConfig:
             f"text_supervised_weight must be >= 0, got {self.text_supervised_weight}",
         )
         check(self.teacher_noise >= 0, f"teacher_noise must be >= 0, got {self.teacher_noise}")
+        check(0 <= self.text_gate_dice <= 1, f"text_gate_dice must be in [0, 1], got {self.text_gate_dice}")
+        check(0 <= self.text_gate_momentum < 1, f"text_gate_momentum must be in [0, 1), got {self.text_gate_momentum}")
 
 
 SEG_METHODS: dict[str, type[SegMethod]] = {}
@@ -183,6 +189,8 @@ class SegMethod:
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.text_mask is not None:
             state.update({f"text_mask.{k}": v for k, v in self.text_mask.trainable_state_dict().items()})
+        if hasattr(self, "text_reliability"):
+            state["text_reliability"] = self.text_reliability.detach().clone().reshape(1)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -197,6 +205,8 @@ class SegMethod:
                 f"{len(unexpected)} unexpected, {len(shape)} with another shape"
                 + (f" (e.g. {(missing + unexpected + shape)[0]})" if missing or unexpected or shape else "")
             )
+        if "text_reliability" in state:
+            self.text_reliability = state["text_reliability"].reshape(()).clone()
         if self.teacher is not None:
             self.teacher.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("teacher.")})
         if self.text_mask is not None:
@@ -347,6 +357,11 @@ class DuSSSMethod(MeanTeacherMethod):
             raise ConfigError(f"method {self.name!r} needs a pretrained VLM (--vlm)")
         super().__init__(cfg, student, vlm)
         self.text_mask = TextMaskGenerator(vlm, cfg.text_mask).to(self.device)
+        self.text_reliability = torch.zeros(())  # running Dice of the text mask on labeled images
+
+    def text_gate_open(self) -> bool:
+        """True when the text mask is trusted enough to shape the pseudo-labels (see `text_gate_dice`)."""
+        return float(self.text_reliability) >= self.cfg.text_gate_dice
 
     def loss(
         self,
@@ -390,11 +405,26 @@ class DuSSSMethod(MeanTeacherMethod):
             l_text_sup = _masked_mean(soft_bce(z_text_l, y_l, reduction="none"), has_l)
             loss = loss + cfg.text_supervised_weight * l_text_sup
             logs["text_sup"] = l_text_sup
+            if bool(has_l.any()):
+                from dusss.metrics import dice_score
+
+                batch_dice = dice_score(torch.sigmoid(z_text_l.detach()[has_l]).cpu(), y_l[has_l].cpu(),
+                                        empty_policy="one").nanmean()
+                m = cfg.text_gate_momentum
+                self.text_reliability = m * self.text_reliability + (1 - m) * batch_dice.float()
+        gate_open = self.text_gate_open()
+        logs["text_reliability"] = self.text_reliability
+        logs["text_gate"] = float(gate_open)
         if z_u is not None and z_text_u is not None and x_u is not None:
             z_t = self._teacher_logits(x_u)
-            l_semi, parts = semi_loss(
-                z_u, z_t, z_text_u.detach(), cfg.semi_loss, use_text_term=cfg.text_term, merge=cfg.merge
-            )
+            if gate_open:
+                l_semi, parts = semi_loss(
+                    z_u, z_t, z_text_u.detach(), cfg.semi_loss, use_text_term=cfg.text_term, merge=cfg.merge
+                )
+            else:  # text not yet reliable: the merged label is the teacher's alone, no eq-17 term
+                l_semi, parts = semi_loss(
+                    z_u, z_t, torch.zeros_like(z_t), cfg.semi_loss, use_text_term=False, merge="logit"
+                )
             loss = loss + lam * l_semi
             logs.update({f"semi_{k}" if k != "semi" else "semi": v for k, v in parts.items()})
         logs["kappa"] = self.text_mask.kappa.detach()
