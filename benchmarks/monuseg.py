@@ -79,7 +79,7 @@ class Size:
 
 
 FULL = Size()
-QUICK = Size(train_epochs=3, patience=3, pretrain_epochs=2, seeds=1)
+QUICK = Size(train_epochs=2, patience=2, pretrain_epochs=1, seeds=1)
 
 
 def log(msg: str) -> None:
@@ -131,7 +131,7 @@ def split_path(manifest: Path, fraction: float, seed: int) -> Path:
     from dusss.data.manifest import read_manifest
     from dusss.data.splits import make_split, save_split
 
-    p = CACHE / "splits" / f"frac{int(round(fraction * 100))}_seed{seed}.json"
+    p = CACHE / "splits" / f"frac{round(fraction * 100)}_seed{seed}.json"
     if not p.is_file():
         save_split(make_split(read_manifest(manifest), fraction, seed, source=manifest), p)
     return p
@@ -239,8 +239,8 @@ def aggregate(runs: list[dict[str, Any]], key=lambda r: (r["method"], r["fractio
 
 def table(runs: list[dict[str, Any]], size: Size) -> str:
     agg = aggregate(runs)
-    lines = ["| method | labels | test Dice (%) | test mIoU (%) | paper Dice / mIoU | seeds | "
-             "pseudo-label Dice teacher / text / merged (%) | train s / run |",
+    lines = [("| method | labels | test Dice (%) | test mIoU (%) | paper Dice / mIoU | seeds | "
+              "pseudo-label Dice teacher / text / merged (%) | train s / run |"),
              "|---|---|---|---|---|---|---|---|"]
     for m, f in ROWS:
         rs = [r for r in runs if r["method"] == m and r["fraction"] == f]
@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", default=str(SRC_DEFAULT), help="the LViT-layout MoNuSeg folder")
     ap.add_argument("--results", default=None, help="results JSON (default benchmarks/results/monuseg.json; "
                                                       "--quick writes monuseg_quick.json under benchmarks/.runs)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tabulate the finished runs (DONE) of the --seeds seeds and write the results")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     args = ap.parse_args(argv)
 
@@ -321,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(size.seeds):
         for method, frac in rows:
             run = root / f"{method}_{int(frac * 100)}_s{seed}"
+            if args.report_only and not (run / "DONE").is_file():
+                continue
             runs.append(train_one(manifest, method, frac, seed, size, args.device, run,
                                   vlm if method == "dusss" else None))
             print(table(runs, size), flush=True)
@@ -330,12 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(size.seeds):
             for name, sss, dcl, tg in ABLATION:
                 vname = f"vlm_sss{int(sss)}_dcl{int(dcl)}"
-                v, vi = (vlm, vlm_info) if (sss and dcl) else pretrain_vlm(manifest, size, args.device, root,
-                                                                            sss=sss, dcl=dcl, name=vname)
-                ablation_vlms[vname] = vi
                 run = root / f"ablation_{vname}_tg{tg:g}_s{seed}"
                 if sss and dcl and tg == 1.0:
                     run = root / f"dusss_50_s{seed}"  # same config as the main dusss 50 % row
+                if args.report_only and not (run / "DONE").is_file():
+                    continue
+                v, vi = (vlm, vlm_info) if (sss and dcl) else pretrain_vlm(manifest, size, args.device, root,
+                                                                            sss=sss, dcl=dcl, name=vname)
+                ablation_vlms[vname] = vi
                 r = train_one(manifest, "dusss", 0.5, seed, size, args.device, run, v, {"tg_weight": tg})
                 ablation_runs.append({**r, "variant": name})
         print(ablation_table(ablation_runs), flush=True)
