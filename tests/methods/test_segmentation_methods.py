@@ -267,7 +267,7 @@ def test_text_gate_keeps_an_unreliable_text_mask_out_of_the_pseudo_label() -> No
 
     lab, unl = _batch(2, 1, True), _batch(2, 2, False)
     # Gate at 1.0 can never open: L_semi must equal the teacher-only merged BCE with no eq-17 term.
-    method, student, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=1.0, tg_weight=0.0)
+    method, _, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=1.0, tg_weight=0.0)
     method.train()
     _, logs = method.loss(lab, unl, step=5, total_steps=10)
     assert logs["text_gate"] == 0.0 and 0.0 <= logs["text_reliability"] <= 1.0
