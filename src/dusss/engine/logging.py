@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 JSONL_FILE = "metrics.jsonl"
+CURVES_EVERY = 5  # the loops redraw curves.png every this many epochs and at the end (a plot costs ~0.5 s)
 CSV_FILE = "metrics.csv"
 TB_DIR = "tb"
 _TB_WARNED = False

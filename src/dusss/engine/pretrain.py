@@ -15,7 +15,7 @@ from dusss.data.datasets import PretrainDataset
 from dusss.data.manifest import read_manifest
 from dusss.engine import distributed as dist
 from dusss.engine.checkpoint import load_state_into
-from dusss.engine.logging import MetricsLogger, plot_curves, progress
+from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
 from dusss.engine.precision import (
     autocast_context,
     channels_last_input,
@@ -256,7 +256,8 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
                                                      "image_size": cfg.image_size, "objective": to_dict(cfg.objective)})
             assert logger is not None
             logger.log(step, row, epoch=epoch + 1)
-            plot_curves(run / "metrics.jsonl", run / "curves.png")
+            if (epoch + 1) % CURVES_EVERY == 0:
+                plot_curves(run / "metrics.jsonl", run / "curves.png")
             # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
             modules = {"vlm": vlm.state_dict()}
             if isinstance(objective, torch.nn.Module) and len(objective.state_dict()):
@@ -266,6 +267,7 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
         dist.barrier()
     if logger:
         logger.close()
+        plot_curves(run / "metrics.jsonl", run / "curves.png")
     if dist.is_main():
         (run / "DONE").write_text(f"{time.time() - t_start:.1f}\n")
     return ckpt

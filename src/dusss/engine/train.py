@@ -21,7 +21,7 @@ from dusss.data.manifest import Record, read_manifest
 from dusss.data.splits import load_split
 from dusss.engine import distributed as dist
 from dusss.engine.checkpoint import load_checkpoint, load_state_into, save_checkpoint
-from dusss.engine.logging import MetricsLogger, plot_curves, progress
+from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
 from dusss.engine.precision import (
     autocast_context,
     channels_last_input,
@@ -324,7 +324,8 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
                             {**meta_common, "epoch": epoch + 1, "val_dice": dice})
             assert logger is not None
             logger.log(step, row, epoch=epoch + 1)
-            plot_curves(run / "metrics.jsonl", run / "curves.png")
+            if (epoch + 1) % CURVES_EVERY == 0:
+                plot_curves(run / "metrics.jsonl", run / "curves.png")
             # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
             modules = {"student": student.state_dict()}
             msd = method.state_dict()
@@ -338,6 +339,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
         dist.barrier()
     if logger:
         logger.close()
+        plot_curves(run / "metrics.jsonl", run / "curves.png")
     if dist.is_main():
         (run / "DONE").write_text(f"{time.time() - t_run:.1f}\n")
     return run
