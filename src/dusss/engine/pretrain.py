@@ -18,7 +18,6 @@ from dusss.engine.checkpoint import load_state_into
 from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
 from dusss.engine.precision import (
     autocast_context,
-    channels_last_input,
     compile_inplace,
     make_grad_scaler,
     maybe_channels_last,
@@ -29,13 +28,13 @@ from dusss.engine.runs import check_run_dir, prepare_run_dir
 from dusss.engine.samplers import EpochSampler
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
 from dusss.engine.state import (
-    check_finite,
     cosine_lr,
     load_train_state,
     optimizer_from_tensors,
     save_train_state,
     set_lr,
 )
+from dusss.engine.step import backward_micro_step, to_device
 from dusss.errors import ConfigError, DataError
 from dusss.methods.pretrain import (
     PRETRAIN_METHODS,
@@ -219,20 +218,10 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
             if i % accum == 0:  # first micro-batch of an optimizer step
                 set_lr(optimizer, cosine_lr(step, total_steps, 1.0, warmup))
                 optimizer.zero_grad(set_to_none=True)
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            for key in ("image", "image_aug"):
-                if cfg.channels_last and key in batch:
-                    batch[key] = channels_last_input(batch[key], True)
+            batch = to_device(batch, device, ("image", "image_aug") if cfg.channels_last else ())
             with autocast_context(device, cfg.precision):
                 loss, logs = objective(vlm, batch)
-            finite = bool(torch.isfinite(loss.detach()).all())
-            if dist.any_across_ranks(not finite, device):  # all ranks stop together
-                check_finite(loss if not finite else loss.detach() * float("nan"), step,
-                             ckpt if ckpt.exists() else None)
-            scaler.scale(loss / accum).backward()
-            for k, v in {"loss": float(loss.detach()), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-                counts[k] = counts.get(k, 0) + 1
+            backward_micro_step(loss, logs, scaler, accum, step, ckpt, device, sums, counts)
             if i % accum != accum - 1:
                 continue
             dist.sync_gradients(trainable, average=True)

@@ -24,7 +24,6 @@ from dusss.engine.checkpoint import load_checkpoint, load_state_into, save_check
 from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
 from dusss.engine.precision import (
     autocast_context,
-    channels_last_input,
     compile_inplace,
     make_grad_scaler,
     maybe_channels_last,
@@ -35,13 +34,13 @@ from dusss.engine.runs import check_run_dir, copy_split, prepare_run_dir
 from dusss.engine.samplers import EpochSampler
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
 from dusss.engine.state import (
-    check_finite,
     cosine_lr,
     load_train_state,
     optimizer_from_tensors,
     save_train_state,
     set_lr,
 )
+from dusss.engine.step import backward_micro_step, to_device
 from dusss.errors import ConfigError, DataError
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method
 from dusss.metrics import SegmentationMetrics
@@ -93,13 +92,6 @@ class TrainConfig:
         check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}")
         check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")
-
-
-def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
-    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    if channels_last and torch.is_tensor(out.get("image")):
-        out["image"] = channels_last_input(out["image"], True)
-    return out
 
 
 def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, list[Record]]:
@@ -279,18 +271,12 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
             if i % accum == 0:  # first micro-batch of an optimizer step
                 set_lr(optimizer, cosine_lr(step, total_steps, 1.0, int(cfg.warmup_fraction * total_steps)))
                 optimizer.zero_grad(set_to_none=True)
-            lab_batch = _to_device(lab_batch, device, cfg.channels_last)
-            unl_batch = _to_device(unl_batch, device, cfg.channels_last) if unl_batch is not None else None
+            image_keys = ("image",) if cfg.channels_last else ()
+            lab_batch = to_device(lab_batch, device, image_keys)
+            unl_batch = to_device(unl_batch, device, image_keys) if unl_batch is not None else None
             with autocast_context(device, cfg.precision):
                 loss, logs = method.loss(lab_batch, unl_batch, step, total_steps)
-            finite = bool(torch.isfinite(loss.detach()).all())
-            if dist.any_across_ranks(not finite, device):  # all ranks stop together
-                check_finite(loss if not finite else loss.detach() * float("nan"), step,
-                             best_path if best_path.exists() else None)
-            scaler.scale(loss / accum).backward()
-            for k, v in {"loss": float(loss.detach()), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-                counts[k] = counts.get(k, 0) + 1
+            backward_micro_step(loss, logs, scaler, accum, step, best_path, device, sums, counts)
             if i % accum != accum - 1:
                 continue
             dist.sync_gradients(params, average=True)

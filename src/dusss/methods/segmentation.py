@@ -303,7 +303,7 @@ class SupervisedMethod(SegMethod):
 
 @register_seg_method("mt")
 class MeanTeacherMethod(SegMethod):
-    """Mean Teacher: L_sup + λ(t)·BCE(z_s^u, σ(z_t)) with the EMA teacher of eq 13."""
+    """Mean Teacher: L_sup + λ(t)·consistency(z_s^u, σ(z_t)) (MSE by default, `consistency`) with the EMA teacher of eq 13."""
 
     uses_unlabeled = True
 
