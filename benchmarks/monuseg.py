@@ -73,7 +73,7 @@ class Size:
     patience: int = 8
     batch_size: int = 4
     lr: float = 1e-3
-    pretrain_epochs: int = 5
+    pretrain_epochs: int = 30  # 90 steps of batch 8 on the 24 training images
     pretrain_batch_size: int = 8
     seeds: int = 3
 
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation", action="store_true", help="also run the Table 2 switches at 50 %% labels")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
     ap.add_argument("--epochs", type=int, default=None, help="max training epochs per run")
+    ap.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (val Dice)")
     ap.add_argument("--width", type=int, default=None, help="U-Net base width (paper 64)")
     ap.add_argument("--image-size", type=int, default=None, help="side in px (default 128; the paper: 224)")
     ap.add_argument("--rows", default="", help="comma list like supervised:1.0,dusss:0.25 (default: all rows)")
@@ -304,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         size = replace(size, seeds=args.seeds)
     if args.epochs is not None:
         size = replace(size, train_epochs=args.epochs, patience=min(size.patience, args.epochs))
+    if args.patience is not None:
+        size = replace(size, patience=args.patience)
     if args.image_size is not None:
         size = replace(size, image_size=args.image_size)
     if args.width is not None:
