@@ -23,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dusss.data.manifest import read_manifest
 from dusss.data.splits import make_split, save_split
-from dusss.data.synth import generate_phantoms
 from dusss.engine.checkpoint import save_checkpoint
 from dusss.engine.runs import prepare_run_dir
 from dusss.models.unet import UNet, UNetConfig
@@ -137,11 +135,9 @@ def _png(path: Path, arr: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def world(tmp_path_factory: pytest.TempPathFactory, phantom_split, tiny_vlm_checkpoint) -> dict[str, str]:
     root = tmp_path_factory.mktemp("sweep")
-    manifest = generate_phantoms(root / "ph", n=24, size=32, seed=0)
-    split = root / "split.json"
-    save_split(make_split(read_manifest(manifest), 0.5, seed=0), split)
+    manifest, split = phantom_split(root)
 
     corrupt = root / "ph" / "images" / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))  # a PNG signature, then garbage
@@ -168,18 +164,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     rand_side.write_bytes(bytes(range(256)) * 4)
     (root / "junk" / "model.json").write_text((root / "seg" / "model.json").read_text())
 
-    from dusss.models.image_encoders import ImageEncoderConfig
-    from dusss.models.text_encoders import TextEncoderConfig
-    from dusss.models.vlm import VisionLanguageModel, VLMConfig
-
-    vcfg = VLMConfig(image=ImageEncoderConfig(image_size=32, hidden_size=16, num_layers=1, num_heads=2),
-                     text=TextEncoderConfig(random_init=True, num_layers=1, hidden_size=16, num_heads=2,
-                                            intermediate_size=32),
-                     embed_dim=8, head_hidden=16, pdt_heads=2)
-    torch.manual_seed(0)
-    tensors, meta = VisionLanguageModel(vcfg).to_checkpoint()
-    vlm = root / "vlm" / "vlm.safetensors"
-    save_checkpoint(vlm, tensors, "vlm", {**meta, "image_size": 32})
+    vlm = tiny_vlm_checkpoint(root / "vlm" / "vlm.safetensors")
 
     taken = prepare_run_dir(root / "taken", {"epochs": 1}, kind="train")
     notlvit = root / "notlvit"

@@ -15,9 +15,6 @@ import torch
 from safetensors.torch import save_file
 
 from dusss.cli import main
-from dusss.data.manifest import read_manifest
-from dusss.data.splits import make_split, save_split
-from dusss.data.synth import generate_phantoms
 from dusss.engine.checkpoint import save_checkpoint, sidecar_path
 from dusss.methods.segmentation import SEG_METHODS
 from dusss.models.unet import UNet, UNetConfig
@@ -55,30 +52,17 @@ def _no_curves(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, phantom_split, tiny_vlm_checkpoint) -> dict[str, Path]:
     """Phantom data, a split, a trained 1-epoch run, a tiny real VLM and some foreign files."""
     root = tmp_path_factory.mktemp("guards")
-    manifest = generate_phantoms(root / "ph", n=24, size=32, seed=0)
-    split = root / "split.json"
-    save_split(make_split(read_manifest(manifest), 0.5, seed=0), split)
+    manifest, split = phantom_split(root)
     run = root / "seg"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("dusss.engine.train.plot_curves", lambda *a, **k: None)
         main(["train", "--data", str(manifest), "--splits", str(split), "--out", str(run), "--method",
               "supervised", "--epochs", "1", *TRAIN_FLAGS])
 
-    from dusss.models.image_encoders import ImageEncoderConfig
-    from dusss.models.text_encoders import TextEncoderConfig
-    from dusss.models.vlm import VisionLanguageModel, VLMConfig
-
-    cfg = VLMConfig(image=ImageEncoderConfig(image_size=32, hidden_size=16, num_layers=1, num_heads=2),
-                    text=TextEncoderConfig(random_init=True, num_layers=1, hidden_size=16, num_heads=2,
-                                           intermediate_size=32),
-                    embed_dim=8, head_hidden=16, pdt_heads=2)
-    torch.manual_seed(0)
-    tensors, meta = VisionLanguageModel(cfg).to_checkpoint()
-    vlm = root / "vlm" / "vlm.safetensors"
-    save_checkpoint(vlm, tensors, "vlm", {**meta, "image_size": 32})
+    vlm = tiny_vlm_checkpoint(root / "vlm" / "vlm.safetensors")
 
     foreign = root / "foreign"
     foreign.mkdir()

@@ -24,9 +24,6 @@ import pytest
 import torch
 
 from dusss.cli import main
-from dusss.data.manifest import read_manifest
-from dusss.data.splits import make_split, save_split
-from dusss.data.synth import generate_phantoms
 from dusss.engine.checkpoint import load_checkpoint
 from dusss.engine.train import TrainConfig, load_segmentation_model, run_train
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig
@@ -64,12 +61,9 @@ def _dusss() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def data(tmp_path_factory: pytest.TempPathFactory, phantom_split) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("resume")
-    manifest = generate_phantoms(root / "ph", n=24, size=32, seed=0)
-    split = root / "split.json"
-    save_split(make_split(read_manifest(manifest), 0.5, seed=0), split)
-    return manifest, split
+    return phantom_split(root)
 
 
 def _rows(run: Path) -> list[dict]:

@@ -1,0 +1,48 @@
+"""Shared test fixtures: tiny phantom data with a split, and a tiny randomly initialised VLM checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def phantom_split() -> Callable[[Path], tuple[Path, Path]]:
+    """`make(root)` writes 24 phantoms at 32 px under root/ph and a 50 %-labeled split root/split.json;
+    returns (manifest, split)."""
+    from dusss.data.manifest import read_manifest
+    from dusss.data.splits import make_split, save_split
+    from dusss.data.synth import generate_phantoms
+
+    def make(root: Path) -> tuple[Path, Path]:
+        manifest = generate_phantoms(root / "ph", n=24, size=32, seed=0)
+        split = root / "split.json"
+        save_split(make_split(read_manifest(manifest), 0.5, seed=0), split)
+        return manifest, split
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_checkpoint() -> Callable[[Path], Path]:
+    """`write(path)` saves a seeded, randomly initialised 32-px VLM checkpoint (no pretrained files) at `path`."""
+    import torch
+
+    from dusss.engine.checkpoint import save_checkpoint
+    from dusss.models.image_encoders import ImageEncoderConfig
+    from dusss.models.text_encoders import TextEncoderConfig
+    from dusss.models.vlm import VisionLanguageModel, VLMConfig
+
+    def write(path: Path) -> Path:
+        cfg = VLMConfig(image=ImageEncoderConfig(image_size=32, hidden_size=16, num_layers=1, num_heads=2),
+                        text=TextEncoderConfig(random_init=True, num_layers=1, hidden_size=16, num_heads=2,
+                                               intermediate_size=32),
+                        embed_dim=8, head_hidden=16, pdt_heads=2)
+        torch.manual_seed(0)
+        tensors, meta = VisionLanguageModel(cfg).to_checkpoint()
+        save_checkpoint(path, tensors, "vlm", {**meta, "image_size": 32})
+        return path
+
+    return write
