@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dusss.cli import main
+from dusss.data.manifest import read_manifest
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -92,7 +93,7 @@ def test_caption_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     code, out, _ = run(["data", "caption", str(tmp_path / "m.png"), "--style", "generic"], capsys)
     assert out.endswith("\tTwo regions: upper right and lower left.\n")
     code, _, err = run(["data", "caption", str(tmp_path / "m.png"), "--style", "poem"], capsys)
-    assert code == 1 and "--style must be 'qata' or 'generic'" in err
+    assert code == 1 and "--style must be one of qata, laterality, generic, got 'poem'" in err
 
 
 def test_caption_help_warns_about_test_time(capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,6 +195,16 @@ def test_synth_bad_arguments_write_nothing(tmp_path: Path, capsys: pytest.Captur
     code, _, err = run(["data", "synth", str(tmp_path / "o"), "--n", "1"], capsys)
     assert code == 1 and err.startswith("error: --n must be an integer >= 3")
     assert not (tmp_path / "o").exists()
+    code, _, err = run(["data", "synth", str(tmp_path / "o"), "--caption-style", "poem"], capsys)
+    assert code == 1 and err.startswith("error: --caption-style must be one of qata, laterality, generic")
+    assert not (tmp_path / "o").exists()
+
+
+def test_synth_laterality_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(["data", "synth", str(tmp_path / "o"), "--n", "8", "--size", "48", "--caption-style", "laterality"], capsys)
+    texts = {r.text for r in read_manifest(tmp_path / "o" / "manifest.csv")}
+    assert code == 0 and texts and all(t.endswith(("pulmonary infection.", "lung.")) for t in texts)
+    assert not any("infected area" in t for t in texts)
 
 
 def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> None:

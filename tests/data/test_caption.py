@@ -14,33 +14,38 @@ MIDDLE_IMAGE_LEFT = (40, 50, 10, 25)
 
 
 @pytest.mark.parametrize(
-    ("boxes", "qata", "generic"),
+    ("boxes", "qata", "generic", "laterality"),
     [
-        ((), "No pulmonary infection.", "No regions."),
+        ((), "No pulmonary infection.", "No regions.", "No pulmonary infection."),
         (
             (UPPER_IMAGE_RIGHT, LOWER_IMAGE_LEFT),
             "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
             "Two regions: upper right and lower left.",
+            "Bilateral pulmonary infection.",
         ),
         (
             (MIDDLE_IMAGE_LEFT,),
             "Unilateral pulmonary infection, one infected area, middle right lung.",
             "One region: middle left.",
+            "Unilateral pulmonary infection, right lung.",
         ),
         (
             ((5, 85, 65, 80),),  # one tall region over all three zones of the patient's left lung
             "Unilateral pulmonary infection, one infected area, all left lung.",
             "One region: middle right.",
+            "Unilateral pulmonary infection, left lung.",
         ),
         (
             ((20, 50, 65, 80),),  # rows 20-49: 10 px upper (33 %), 20 px middle
             "Unilateral pulmonary infection, one infected area, upper middle left lung.",
             "One region: middle right.",
+            "Unilateral pulmonary infection, left lung.",
         ),
         (
             ((5, 15, 65, 80), (70, 85, 65, 80)),
             "Unilateral pulmonary infection, two infected areas, upper and lower left lung.",
             "Two regions: upper right and lower right.",
+            "Unilateral pulmonary infection, left lung.",
         ),
         (
             ((5, 15, 65, 80), (70, 85, 65, 80), MIDDLE_IMAGE_LEFT),
@@ -49,18 +54,22 @@ MIDDLE_IMAGE_LEFT = (40, 50, 10, 25)
                 "upper and lower left lung and middle right lung."
             ),
             "Three regions: upper right, middle left and lower right.",
+            "Bilateral pulmonary infection.",
         ),
         (
             ((40, 50, 40, 50),),
             "Unilateral pulmonary infection, one infected area, middle left lung.",
             "One region: center.",
+            "Unilateral pulmonary infection, left lung.",
         ),
     ],
 )
-def test_captions_of_known_layouts(boxes, qata: str, generic: str) -> None:
+def test_captions_of_known_layouts(boxes, qata: str, generic: str, laterality: str) -> None:
     mask = box_mask(90, 90, *boxes)
     assert caption_mask(mask, style="qata") == qata
     assert caption_mask(mask, style="generic") == generic
+    assert caption_mask(mask, style="laterality") == laterality
+    assert qata.startswith(laterality.rstrip(".").split(",")[0])
 
 
 def test_small_zone_share_is_ignored() -> None:

@@ -102,6 +102,21 @@ def test_same_seed_same_bytes_and_prefix_stability(tmp_path: Path) -> None:
         assert (a / name).read_bytes() == (d / name).read_bytes()
 
 
+def test_caption_style_changes_only_the_texts(tmp_path: Path) -> None:
+    qata = read_manifest(generate_phantoms(tmp_path / "q", n=12, size=64, seed=1))
+    lat = read_manifest(generate_phantoms(tmp_path / "l", n=12, size=64, seed=1, caption_style="laterality"))
+    assert [r.image.name for r in qata] == [r.image.name for r in lat]
+    assert (tmp_path / "q/images/phantom_0003.png").read_bytes() == (tmp_path / "l/images/phantom_0003.png").read_bytes()
+    assert {r.text for r in lat} <= {
+        "No pulmonary infection.", "Bilateral pulmonary infection.",
+        "Unilateral pulmonary infection, left lung.", "Unilateral pulmonary infection, right lung.",
+    }
+    for q, la in zip(qata, lat):
+        assert q.text.split(",")[0].rstrip(".") == la.text.split(",")[0].rstrip(".")
+    with pytest.raises(ConfigError, match="caption-style"):
+        generate_phantoms(tmp_path / "x", n=3, size=32, caption_style="verbose")
+
+
 @pytest.mark.parametrize(("n", "size", "seed"), [(2, 64, 0), (10, 16, 0), (10, 64, -1)])
 def test_bad_arguments_write_nothing(tmp_path: Path, n: int, size: int, seed: int) -> None:
     with pytest.raises(ConfigError):

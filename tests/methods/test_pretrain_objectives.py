@@ -139,6 +139,14 @@ def test_retrieval_at_k_hand_example() -> None:
     # t0 (0.0995) with t2 (0.707) above it -> still a miss; img2 hit. i2t R@1 = 2/3.
     r = retrieval_at_k(img, txt, ks=(1,), groups=["a", "a", "b"])
     assert r["i2t_R@1"] == pytest.approx(200 / 3)
+    # Ties count against: a collapsed model (every image and text the same vector) retrieves nothing.
+    same = torch.ones(3, 2)
+    assert retrieval_at_k(same, same, ks=(1, 2, 3))["mean_R@1"] == 0.0
+    assert retrieval_at_k(same, same, ks=(3,))["i2t_R@3"] == 100.0  # 2 wrong candidates < 3
+    # Identical texts of one report tie among themselves only, which is no miss: all rows hit.
+    two_points = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    r = retrieval_at_k(two_points, two_points, ks=(1,), groups=["a", "a", "b"])
+    assert r["i2t_R@1"] == 100.0 and r["t2i_R@1"] == 100.0
 
 
 def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -202,13 +202,16 @@ def test_pseudo_labels_keys_and_merge_on_logits() -> None:
     assert torch.equal(student.inc[1].running_mean, rm) and student.training  # eval forward, mode restored
     mt, _, _ = _build("mt")
     assert set(mt.pseudo_labels(images["image"])) == {"student", "teacher"}
-    du, _, _ = _build("dusss")
+    closed, _, _ = _build("dusss")  # the gate starts closed: the merged label is the teacher's
+    out = closed.pseudo_labels(images["image"], images["text"])
+    assert set(out) == {"student", "teacher", "text", "merged"} and not closed.text_gate_open()
+    torch.testing.assert_close(out["merged"], out["teacher"])
+    du, _, _ = _build("dusss", text_gate_dice=0.0)
     out = du.pseudo_labels(images["image"], images["text"])
-    assert set(out) == {"student", "teacher", "text", "merged"}
     torch.testing.assert_close(out["merged"], out["teacher"] + out["text"])
     assert all(v.shape == (2, 1, S, S) and not v.requires_grad for v in out.values())
     assert (torch.sigmoid(out["merged"]) < 0.5).any()  # paper mode can say "background" (S3 guard)
-    repro, _, _ = _build("dusss", merge="prob")
+    repro, _, _ = _build("dusss", merge="prob", text_gate_dice=0.0)
     out = repro.pseudo_labels(images["image"], images["text"])
     assert (torch.sigmoid(out["merged"]) >= 0.5).all()  # the code's probability-space merge
 

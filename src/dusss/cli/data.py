@@ -16,11 +16,14 @@ def synth(
     n: Annotated[int, typer.Option("--n", help="Number of images (>= 3).")] = 64,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    caption_style: Annotated[
+        str, typer.Option("--caption-style", help="Reports: qata (full), laterality (3 coarse reports) or generic.")
+    ] = "qata",
 ) -> None:
     """Write the embedded phantom chest X-ray dataset with QaTa-style reports."""
     from dusss.data.synth import generate_phantoms
 
-    manifest = generate_phantoms(out, n=n, size=size, seed=seed)
+    manifest = generate_phantoms(out, n=n, size=size, seed=seed, caption_style=caption_style)
     typer.echo(f"wrote {n} phantoms ({size}x{size}) and {manifest}")
 
 
@@ -28,19 +31,19 @@ def synth(
 def caption(
     masks: Annotated[list[Path], typer.Argument(help="Binary mask files ({0,1} or {0,255}).")],
     style: Annotated[
-        str, typer.Option("--style", help="qata (radiological: patient's left = image right) or generic.")
+        str, typer.Option("--style", help="qata (radiological: patient's left = image right), laterality or generic.")
     ] = "qata",
 ) -> None:
     """Print a report per mask from its regions (laterality, count, location): 'FILE<TAB>TEXT' lines.
 
     WARNING: texts derived from ground-truth masks describe the answer: never use them at test time.
     """
-    from dusss.data.caption import caption_mask
+    from dusss.data.caption import CAPTION_STYLES, caption_mask
     from dusss.data.readers import read_mask
     from dusss.errors import ConfigError
 
-    if style not in ("qata", "generic"):
-        raise ConfigError(f"--style must be 'qata' or 'generic', got {style!r}")
+    if style not in CAPTION_STYLES:
+        raise ConfigError(f"--style must be one of {', '.join(CAPTION_STYLES)}, got {style!r}")
     lines = [f"{m}\t{caption_mask(read_mask(m), style=style)}" for m in masks]
     typer.echo("\n".join(lines))
 

@@ -10,6 +10,9 @@ Styles:
   "left lung"). "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
   The count is the number of regions; locations are listed per lung, left lung first; all three zones of
   one lung read "all left lung"; non-adjacent zones read "upper and lower left lung".
+- ``"laterality"``: the first clause of ``"qata"`` only, three reports in all: "No pulmonary infection.",
+  "Unilateral pulmonary infection, left lung." (or right), "Bilateral pulmonary infection." A coarse
+  vocabulary for checking that a VLM learns the image-text link at all on a small, short run.
 - ``"generic"``: image coordinates as a viewer sees them (left = image left), one position per region in
   reading order: "Two regions: upper left and lower right." Horizontal thirds give left/center/right.
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+CAPTION_STYLES = ("qata", "laterality", "generic")
 ZONE_SHARE = 0.2
 ZONES = ("upper", "middle", "lower")
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -147,14 +151,28 @@ def _zone_phrase(zones: set[int]) -> str:
     return " ".join(ZONES[i] for i in z)
 
 
+def _lung_zones(regions: list[Region], width: int) -> dict[str, set[int]]:
+    """Zones occupied per lung, radiological convention (image right = patient's left)."""
+    sides: dict[str, set[int]] = {}
+    for r in regions:
+        side = "left" if r.centroid[1] >= (width - 1) / 2.0 else "right"
+        sides.setdefault(side, set()).update(_zones(r))
+    return sides
+
+
+def _laterality(regions: list[Region], width: int) -> str:
+    if not regions:
+        return "No pulmonary infection."
+    sides = _lung_zones(regions, width)
+    if len(sides) == 2:
+        return "Bilateral pulmonary infection."
+    return f"Unilateral pulmonary infection, {next(iter(sides))} lung."
+
+
 def _qata(regions: list[Region], width: int) -> str:
     if not regions:
         return "No pulmonary infection."
-    sides: dict[str, set[int]] = {}
-    for r in regions:
-        # radiological convention: image right = patient's left
-        side = "left" if r.centroid[1] >= (width - 1) / 2.0 else "right"
-        sides.setdefault(side, set()).update(_zones(r))
+    sides = _lung_zones(regions, width)
     n = len(regions)
     extent = "Bilateral" if len(sides) == 2 else "Unilateral"
     areas = f"{_count_word(n)} infected area{'s' if n > 1 else ''}"
@@ -190,6 +208,8 @@ def caption_mask(mask: np.ndarray, style: str = "qata", min_area: int = 1) -> st
     regions = find_regions(m, min_area=min_area)
     if style == "qata":
         return _qata(regions, m.shape[1])
+    if style == "laterality":
+        return _laterality(regions, m.shape[1])
     if style == "generic":
         return _generic(regions, m.shape[0], m.shape[1])
-    raise ValueError(f"unknown caption style {style!r} (use 'qata' or 'generic')")
+    raise ValueError(f"unknown caption style {style!r} (use one of {', '.join(CAPTION_STYLES)})")

@@ -289,7 +289,8 @@ def retrieval_at_k(
 
     Row i's correct partner is row i; with `groups` (e.g. the report strings) every row of the same group
     counts as correct, so duplicate reports do not count as misses. A hit at k: fewer than k wrong candidates
-    score strictly higher than the best correct one. Keys: "i2t_R@k", "t2i_R@k", "mean_R@1".
+    score at least as high as the best correct one (ties count against, so a collapsed model that maps every
+    input to one point scores 0, not 100). Keys: "i2t_R@k", "t2i_R@k", "mean_R@1".
     """
     n = image_emb.shape[0]
     if n == 0 or text_emb.shape[0] != n:
@@ -304,7 +305,7 @@ def retrieval_at_k(
     out: dict[str, float] = {}
     for name, s in (("i2t", sim), ("t2i", sim.t())):
         best_pos = s.masked_fill(~same, float("-inf")).max(dim=1, keepdim=True).values
-        wrong_above = ((s > best_pos) & ~same).sum(dim=1)
+        wrong_above = ((s >= best_pos) & ~same).sum(dim=1)
         for k in ks:
             out[f"{name}_R@{k}"] = 100.0 * float((wrong_above < k).float().mean())
     if 1 in ks:

@@ -434,7 +434,8 @@ class DuSSSMethod(MeanTeacherMethod):
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """`student`, `teacher`, `text` (own-text z_text) and `merged` (eq 16, per `merge`) logits."""
+        """`student`, `teacher`, `text` (own-text z_text) and `merged` logits: eq 16 (per `merge`) once the
+        text gate is open, the teacher's alone before, i.e. the label L_semi^merged trains on at this point."""
         assert self.text_mask is not None
         if texts is None:
             raise ValueError(f"method {self.name!r} needs the texts of the images for pseudo-labels")
@@ -446,7 +447,7 @@ class DuSSSMethod(MeanTeacherMethod):
         finally:
             self.text_mask.train(was_training)
         out["text"] = text
-        out["merged"] = merge_logits(out["teacher"], text, self.cfg.merge)
+        out["merged"] = merge_logits(out["teacher"], text, self.cfg.merge) if self.text_gate_open() else out["teacher"]
         return out
 
 
