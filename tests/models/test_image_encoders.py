@@ -80,7 +80,23 @@ def test_efficientnet_encoder_tokens(cnn_cls: str) -> None:
     assert not any(k.startswith("_fc") for k in enc.model.state_dict())
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_efficientnet_batchnorm_momentum_is_the_configured_one(momentum: float) -> None:
+    enc = build_image_encoder(ImageEncoderConfig(kind="efficientnet_lite0", bn_momentum=momentum)).train()
+    bn = enc.model._bn0
+    before = bn.running_mean.clone()
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        enc(x)
+        stem = enc.model._conv_stem(enc.model.normalize(x))
+    # one train-mode step: running = (1 - m) * running + m * batch mean (the ImageNet statistics fade at rate m)
+    expected = (1 - momentum) * before + momentum * stem.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_config_validation() -> None:
+    with pytest.raises(ConfigError):
+        ImageEncoderConfig(bn_momentum=0.0)
     with pytest.raises(ConfigError):
         ImageEncoderConfig(kind="resnet")
     with pytest.raises(ConfigError):
