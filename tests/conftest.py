@@ -1,11 +1,22 @@
-"""Shared test fixtures: tiny phantom data with a split, and a tiny randomly initialised VLM checkpoint."""
+"""Shared test fixtures: tiny phantom data with a split, a tiny randomly initialised VLM checkpoint, and the
+torch thread count restored after every test (several tests pin it to 1 for exact comparisons)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """A test that calls torch.set_num_threads(1) must not slow every test after it."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

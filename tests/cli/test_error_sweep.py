@@ -50,7 +50,7 @@ CASES: dict[str, tuple[list[str], str, str, str | None]] = {
     "caption/corrupt-png": (["data", "caption", "{corrupt}"], ERROR, "{corrupt}: cannot decode image", None),
     "caption/image-not-mask": (["data", "caption", "{image}"], ERROR, "{image}: mask is not binary", None),
     "caption/bad-style": (["data", "caption", "{mask}", "--style", "poetic"], ERROR,
-                          "--style must be 'qata' or 'generic'", None),
+                          "--style must be one of qata, laterality, generic, got 'poetic'", None),
     # data import-lvit
     "import-lvit/missing-folder": (["data", "import-lvit", "{tmp}/nope", "{tmp}/o"], ERROR,
                                    "{tmp}/nope: dataset folder not found", "{tmp}/o"),
