@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from dusss.engine.precision import (
     maybe_channels_last,
     maybe_compile,
     resolve_device,
+    restore_grad_scaler,
     set_threads,
     unwrap_model,
 )
@@ -78,3 +81,29 @@ def test_channels_last_compile_unwrap_and_threads() -> None:
         torch.set_num_threads(n)
     with pytest.raises(ConfigError):
         set_threads(-1)
+
+
+def test_grad_scaler_state_survives_the_resume_file(tmp_path: Path) -> None:
+    from dusss.engine.state import load_train_state, save_train_state
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3, enabled=True)
+    for grad in (float("inf"), 1.0, 1.0):  # overflow: scale 1024 -> 512 and the step is skipped; then 2 good steps
+        opt.zero_grad()
+        scaler.scale((w * grad).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 512.0 and scaler.state_dict()["_growth_tracker"] == 2
+    save_train_state(tmp_path / "s.safetensors", {}, opt, {"epoch": 1, "grad_scaler": scaler.state_dict()})
+    _, _, _, meta = load_train_state(tmp_path / "s.safetensors")
+    resumed = torch.amp.GradScaler("cpu", enabled=True)  # would start at 2**16
+    restore_grad_scaler(resumed, meta)
+    assert resumed.get_scale() == 512.0 and resumed.state_dict() == scaler.state_dict()
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    restore_grad_scaler(fresh, {"epoch": 1})  # files without the entry: unchanged
+    restore_grad_scaler(fresh, {"grad_scaler": {}})  # fp32/bf16 runs save {}
+    assert fresh.get_scale() == 2.0**16
+    disabled = make_grad_scaler("fp32", "cpu")
+    restore_grad_scaler(disabled, meta)
+    assert not disabled.is_enabled() and disabled.state_dict() == {}

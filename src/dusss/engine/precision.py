@@ -52,6 +52,17 @@ def make_grad_scaler(precision: str, device: str | torch.device) -> torch.amp.Gr
     return torch.amp.GradScaler("cuda" if kind == "cuda" else "cpu", enabled=enabled)
 
 
+def restore_grad_scaler(scaler: torch.amp.GradScaler, meta: dict[str, Any]) -> None:
+    """Load the loss scale a resume file saved under meta["grad_scaler"] (from `scaler.state_dict()`).
+
+    Without it a resumed fp16 run would restart at 2**16 and skip its first steps on overflow again.
+    A no-op when the entry is missing or empty (older files, fp32/bf16 runs) or the scaler is disabled.
+    """
+    state = meta.get("grad_scaler")
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+
+
 def maybe_channels_last(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """Convert `model`'s 4-D parameters/buffers to channels_last in place when enabled; returns it."""
     if enabled:

@@ -22,6 +22,7 @@ from dusss.engine.precision import (
     make_grad_scaler,
     maybe_channels_last,
     resolve_device,
+    restore_grad_scaler,
     set_threads,
 )
 from dusss.engine.runs import check_run_dir, prepare_run_dir
@@ -198,6 +199,7 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
         optimizer_from_tensors(optimizer, otensors, meta["optimizer"])
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
         set_rng_state(meta["rng"])
+        restore_grad_scaler(scaler, meta)
     if resume and logger:
         logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
 
@@ -252,7 +254,8 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
             if isinstance(objective, torch.nn.Module) and len(objective.state_dict()):
                 modules["objective"] = objective.state_dict()
             save_train_state(state_path, modules, optimizer,
-                             {"epoch": epoch + 1, "step": step, "rng": rng_state()})
+                             {"epoch": epoch + 1, "step": step, "rng": rng_state(),
+                              "grad_scaler": scaler.state_dict()})
         dist.barrier()
     if logger:
         logger.close()

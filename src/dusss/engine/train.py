@@ -28,6 +28,7 @@ from dusss.engine.precision import (
     make_grad_scaler,
     maybe_channels_last,
     resolve_device,
+    restore_grad_scaler,
     set_threads,
 )
 from dusss.engine.runs import check_run_dir, copy_split, prepare_run_dir
@@ -240,6 +241,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
         best_dice, best_epoch, bad_epochs = float(meta["best_dice"]), int(meta["best_epoch"]), int(meta["bad_epochs"])
         set_rng_state(meta["rng"])
+        restore_grad_scaler(scaler, meta)
     if resume and logger:
         logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
 
@@ -319,7 +321,8 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
                 modules["method"] = msd
             save_train_state(state_path, modules, optimizer,
                              {"epoch": epoch + 1, "step": step, "best_dice": best_dice, "best_epoch": best_epoch,
-                              "bad_epochs": bad_epochs, "rng": rng_state()})
+                              "bad_epochs": bad_epochs, "rng": rng_state(),
+                              "grad_scaler": scaler.state_dict()})
         # Early-stopping state lives on rank 0; every rank takes the same decision (works for gloo and NCCL).
         best_dice, best_epoch, bad_epochs = dist.broadcast_object((best_dice, best_epoch, bad_epochs))
         dist.barrier()
