@@ -2,69 +2,20 @@
 
 from __future__ import annotations
 
-import zlib
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dusss.models import grounding
 from dusss.models.grounding import GroundingDecoder, TextMaskConfig, TextMaskGenerator
-
-
-class FakeVLM(nn.Module):
-    """Same interface as dusss.models.vlm.VisionLanguageModel: conv patchifier + bag-of-words texts."""
-
-    def __init__(self, dim: int = 16, patch: int = 8, vocab: int = 97) -> None:
-        super().__init__()
-        self.cfg = SimpleNamespace(embed_dim=dim)
-        self.patchify = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-        self.norm = nn.BatchNorm1d(dim)  # to check that the VLM stays in eval mode
-        self.words = nn.EmbeddingBag(vocab, dim, mode="mean")
-        self.vocab = vocab
-
-    def encode_image(self, images: torch.Tensor, momentum: bool = False) -> dict:
-        x = self.patchify(images)
-        h, w = x.shape[-2:]
-        tokens = x.flatten(2).transpose(1, 2)
-        return {
-            "global": F.normalize(self.norm(tokens.mean(1)), dim=-1),
-            "local": F.normalize(tokens, dim=-1),
-            "grid": (h, w),
-        }
-
-    def encode_text(self, texts: list[str], momentum: bool = False) -> dict:
-        ids = [[zlib.crc32(t.encode()) % self.vocab for t in text.lower().split()] or [0] for text in texts]
-        flat = torch.tensor([i for seq in ids for i in seq])
-        offsets = torch.tensor([0] + [len(s) for s in ids[:-1]]).cumsum(0)
-        g = F.normalize(self.words(flat, offsets), dim=-1)
-        return {"global": g, "local": g[:, None], "mask": torch.ones(len(texts), 1, dtype=torch.bool)}
-
-
-def reference_extended_infonce(pooled: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Eq 12 as TCL's ExtendedInfoNCE: S[b,n] = scale·cos(pooled[b,n], t_n); ½[CE(S) + CE(Sᵀ)]."""
-    s = scale * (F.normalize(pooled, dim=-1) * F.normalize(text, dim=-1)[None]).sum(-1)
-    target = torch.arange(s.shape[0])
-    return 0.5 * (F.cross_entropy(s, target) + F.cross_entropy(s.t(), target))
-
-
-@pytest.fixture(autouse=True)
-def _tg_loss(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Use dusss.losses.contrastive.extended_infonce when it exists, else the reference above."""
-    try:
-        from dusss.losses.contrastive import extended_infonce  # noqa: F401
-    except ImportError:
-        monkeypatch.setattr(grounding, "_tg_loss", reference_extended_infonce)
-
+from dusss.testing import BagOfWordsVLM
 
 TEXTS = ["left lung opacity", "bilateral lower lobe infection", "right upper zone lesion", "no finding"]
 
 
 def _generator(**cfg) -> TextMaskGenerator:
     torch.manual_seed(0)
-    return TextMaskGenerator(FakeVLM(), TextMaskConfig(**cfg))
+    return TextMaskGenerator(BagOfWordsVLM(batchnorm=True), TextMaskConfig(**cfg))
 
 
 def test_decoder_is_nearest_upsampling_at_init() -> None:
