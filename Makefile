@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: setup demo test lint clean bench
 
@@ -10,21 +11,26 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+# test tools (pytest, ruff, NIfTI/DICOM/ONNX extras) on top; `make demo` does not need them
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
+
+setup: $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/dusss demo --out runs/demo
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/throughput.py
 
 clean:

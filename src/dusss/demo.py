@@ -30,7 +30,7 @@ class DemoSize:
     batch_size: int
 
 
-FULL = DemoSize(n_images=128, image_size=96, pretrain_epochs=8, train_epochs=14, unet_width=16, batch_size=8)
+FULL = DemoSize(n_images=128, image_size=96, pretrain_epochs=6, train_epochs=14, unet_width=16, batch_size=8)
 QUICK = DemoSize(n_images=48, image_size=64, pretrain_epochs=2, train_epochs=3, unet_width=8, batch_size=8)
 
 
