@@ -38,6 +38,7 @@ def test_report_is_self_contained_and_has_the_table(demo: tuple[Path, dict]) -> 
     assert html.count("data:image/png;base64,") >= 4  # overlays, heat-maps, curves inline
     assert "http://" not in html and "https://" not in html
     assert "Text heat-maps" in html
+    assert "Training curves" in html and "L_sup is the same term for every method" in html
 
 
 def test_report_screenshot_is_not_blank(demo: tuple[Path, dict], tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ def _resize(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def _metric_curves(runs: dict[str, Path], keys: list[tuple[str, str]]) -> np.ndarray:
-    """One panel per (key, title): that metric per epoch for every run (matplotlib, Agg)."""
+    """One panel per (key, title): that metric per epoch for every run (matplotlib, Agg). Keys ending in
+    "loss" get a log axis, so methods whose totals differ in scale stay readable side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,6 +40,8 @@ def _metric_curves(runs: dict[str, Path], keys: list[tuple[str, str]]) -> np.nda
                 ax.plot(*zip(*pts), marker="o", ms=3, label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        if key.endswith("loss") and ax.lines:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -147,7 +150,10 @@ def write_demo_report(out: Path, summary: dict[str, Any], manifest: Path, n_exam
 
     runs = {m: out / m for m in methods}
     sections.append(ImageSection("Training curves", _metric_curves(
-        runs, [("train/loss", "training loss"), ("val/dice", "validation Dice")]), caption="per epoch, each method"))
+        runs, [("train/sup", "supervised loss L_sup"), ("train/loss", "total training loss"),
+               ("val/dice", "validation Dice")]),
+        caption="per epoch, each method; L_sup is the same term for every method, the totals add each method's "
+                "unlabeled and text terms"))
     if (out / "dusss" / "metrics.jsonl").is_file():
         sections.append(ImageSection("Pseudo-labels during training", _pseudo_curves(out / "dusss"),
                                      caption="Dice of the teacher's, the text mask's and the merged pseudo-labels "
