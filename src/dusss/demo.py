@@ -108,7 +108,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
 
 def _last_pseudo_label_dice(metrics_jsonl: Path) -> dict[str, float]:
     """Pseudo-label Dice (teacher, text, merged) of the best epoch of the dusss run."""
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    from dusss.engine.logging import read_metrics
+
+    rows = read_metrics(metrics_jsonl)
     if not rows:
         return {}
     best_epoch = rows[-1].get("best/epoch", rows[-1].get("epoch"))

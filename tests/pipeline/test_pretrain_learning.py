@@ -16,7 +16,6 @@ retrieves the same top image), too coarse to assert on.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from dusss.data.manifest import read_manifest
 from dusss.data.synth import generate_phantoms
+from dusss.engine.logging import read_metrics
 from dusss.engine.pretrain import PretrainConfig, run_pretrain
 from dusss.methods.pretrain import PretrainObjectiveConfig, retrieval_at_k
 from dusss.models.image_encoders import ImageEncoderConfig
@@ -64,7 +64,7 @@ def test_short_pretraining_retrieves_far_above_chance(laterality_phantoms: Path,
                          batch_size=16, image_size=SIZE, lr=1e-3, encoder_lr=3e-4, seed=0, progress=False, vlm=vlm,
                          objective=PretrainObjectiveConfig(sss=sss))
     run_pretrain(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "vlm" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "vlm" / "metrics.jsonl")
     val_texts = [r.text for r in read_manifest(laterality_phantoms) if r.split == "val"]
     chance, majority = chance_and_majority(val_texts)
     assert 23.0 < chance < 27.0 and len(set(val_texts)) == 4  # 1/4, up to the draws

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from dusss.data.manifest import read_manifest
 from dusss.data.readers import read_image, read_mask
+from dusss.engine.logging import read_metrics
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
@@ -34,7 +34,7 @@ def _metric_curves(runs: dict[str, Path], keys: list[tuple[str, str]]) -> np.nda
             path = run / "metrics.jsonl"
             if not path.is_file():
                 continue
-            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            rows = read_metrics(path)
             pts = [(r["epoch"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=name)
@@ -58,7 +58,7 @@ def _pseudo_curves(run: Path) -> np.ndarray:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_metrics(run / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(4.8, 3.2))
     for name in ("teacher", "text", "merged"):
         pts = [(r["epoch"], r[f"pseudo/{name}_dice"]) for r in rows if f"pseudo/{name}_dice" in r]
