@@ -17,7 +17,7 @@ def synth(
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     caption_style: Annotated[
-        str, typer.Option("--caption-style", help="Reports: qata (full), laterality (3 coarse reports) or generic.")
+        str, typer.Option("--caption-style", help="Reports: qata (full), laterality (4 coarse reports) or generic.")
     ] = "qata",
 ) -> None:
     """Write the embedded phantom chest X-ray dataset with QaTa-style reports."""
@@ -38,12 +38,10 @@ def caption(
 
     WARNING: texts derived from ground-truth masks describe the answer: never use them at test time.
     """
-    from dusss.data.caption import CAPTION_STYLES, caption_mask
+    from dusss.data.caption import caption_mask, check_caption_style
     from dusss.data.readers import read_mask
-    from dusss.errors import ConfigError
 
-    if style not in CAPTION_STYLES:
-        raise ConfigError(f"--style must be one of {', '.join(CAPTION_STYLES)}, got {style!r}")
+    check_caption_style(style, "--style")
     lines = [f"{m}\t{caption_mask(read_mask(m), style=style)}" for m in masks]
     typer.echo("\n".join(lines))
 

@@ -10,7 +10,7 @@ Styles:
   "left lung"). "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
   The count is the number of regions; locations are listed per lung, left lung first; all three zones of
   one lung read "all left lung"; non-adjacent zones read "upper and lower left lung".
-- ``"laterality"``: the first clause of ``"qata"`` only, three reports in all: "No pulmonary infection.",
+- ``"laterality"``: the first clause of ``"qata"`` only, four reports in all: "No pulmonary infection.",
   "Unilateral pulmonary infection, left lung." (or right), "Bilateral pulmonary infection." A coarse
   vocabulary for checking that a VLM learns the image-text link at all on a small, short run.
 - ``"generic"``: image coordinates as a viewer sees them (left = image left), one position per region in
@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from dusss.errors import ConfigError
 
 CAPTION_STYLES = ("qata", "laterality", "generic")
 ZONE_SHARE = 0.2
@@ -196,6 +198,12 @@ def _generic(regions: list[Region], height: int, width: int) -> str:
     joined = places[0] if n == 1 else ", ".join(places[:-1]) + " and " + places[-1]
     word = _count_word(n)
     return f"{word[0].upper() + word[1:]} region{'s' if n > 1 else ''}: {joined}."
+
+
+def check_caption_style(style: str, option: str = "style") -> None:
+    """ConfigError naming `option` unless `style` is one of CAPTION_STYLES."""
+    if style not in CAPTION_STYLES:
+        raise ConfigError(f"{option} must be one of {', '.join(CAPTION_STYLES)}, got {style!r}")
 
 
 def caption_mask(mask: np.ndarray, style: str = "qata", min_area: int = 1) -> str:

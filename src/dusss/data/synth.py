@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dusss.data.caption import CAPTION_STYLES, caption_mask
+from dusss.data.caption import caption_mask, check_caption_style
 from dusss.data.manifest import write_manifest
 from dusss.errors import ConfigError, DataError
 
@@ -134,11 +134,10 @@ def _splits(n: int, seed: int) -> list[str]:
 def generate_phantoms(out: str | Path, n: int, size: int = 128, seed: int = 0, caption_style: str = "qata") -> Path:
     """Write OUT/images/*.png, OUT/masks/*.png and OUT/manifest.csv; return the manifest path.
 
-    `caption_style` picks the report vocabulary (`dusss.data.caption.CAPTION_STYLES`); images and
+    `caption_style` picks the report vocabulary (one of `dusss.data.caption.CAPTION_STYLES`); images and
     masks do not depend on it.
     """
-    if caption_style not in CAPTION_STYLES:
-        raise ConfigError(f"--caption-style must be one of {', '.join(CAPTION_STYLES)}, got {caption_style!r}")
+    check_caption_style(caption_style, "--caption-style")
     if not isinstance(n, int) or n < 3:
         raise ConfigError(f"--n must be an integer >= 3 (one image per split at least), got {n!r}")
     if not isinstance(size, int) or not 32 <= size <= 4096:
