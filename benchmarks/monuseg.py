@@ -12,8 +12,9 @@ Steps (a thin script over the library):
 2. 25 % and 50 % labeled splits of the 24 training images per seed (`make_split`), 100 % = all 24.
 3. VLM pre-training (DuSSS objective: SSS + DCL) on the training images + texts (no masks), ONCE for all
    seeds (seed 0) -- the VLM is frozen in Step 2, so it is shared by every dusss run.
-4. supervised 100/50/25 %, mt 50/25 %, dusss 50/25 %: val (6 images) for early stopping / model selection
-   only; the best-val checkpoint is evaluated once on test (14 images).
+4. supervised 100/50/25 %, mt / unimatch / dusss 50/25 %, each from its preset (METHOD_PRESETS), the same
+   optimizer steps for every run (no early stopping); val (6 images) for model selection only; the best-val
+   checkpoint is evaluated once on test (14 images).
 5. benchmarks/results/monuseg.json + a markdown table (test Dice / mIoU mean +- std over seeds) beside the
    paper's Table 1, the pseudo-label Dice (teacher / text / merged, best epoch) of the dusss runs on the
    unlabeled training images, the VLM's val retrieval, and wall time per run.
@@ -51,7 +52,7 @@ PAPER = {
 }
 ROWS: tuple[tuple[str, float], ...] = (
     ("supervised", 1.0), ("supervised", 0.5), ("supervised", 0.25),
-    ("mt", 0.5), ("mt", 0.25), ("dusss", 0.5), ("dusss", 0.25),
+    ("mt", 0.5), ("mt", 0.25), ("unimatch", 0.5), ("unimatch", 0.25), ("dusss", 0.5), ("dusss", 0.25),
 )
 # Table 2 switches at 50 % labels: (name, sss, dcl, tg_weight).
 ABLATION: tuple[tuple[str, bool, bool, float], ...] = (
@@ -69,8 +70,8 @@ class Size:
 
     image_size: int = 128  # the paper: 224 (4.5 s/step at 224 on the shared 2-core CPU; 128 is ~3x cheaper)
     unet_width: int = 16
-    train_epochs: int = 15
-    patience: int = 8
+    train_epochs: int = 60  # 5 steps an epoch at 25 % / 50 % labels (one pass over the unlabeled stream)
+    patience: int = 60  # no early stopping: every method gets the same optimizer steps
     batch_size: int = 4
     lr: float = 1e-3
     pretrain_epochs: int = 30  # 90 steps of batch 8 on the 24 training images
@@ -175,10 +176,10 @@ def best_pseudo(metrics_jsonl: Path) -> dict[str, float]:
 
 def train_one(manifest: Path, method: str, fraction: float, seed: int, size: Size, device: str, run: Path,
               vlm: Path | None, semi_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from dusss.config import load_config
     from dusss.engine.evaluate import evaluate_run
     from dusss.engine.train import TrainConfig, run_train
-    from dusss.methods.segmentation import SegMethodConfig
-    from dusss.models.unet import UNetConfig
+    from dusss.methods.segmentation import seg_method_preset
 
     done = run / "DONE"
     bench = run / "bench.json"
@@ -186,12 +187,14 @@ def train_one(manifest: Path, method: str, fraction: float, seed: int, size: Siz
         return json.loads(bench.read_text())
     t0 = time.time()
     if not done.is_file():
-        cfg = TrainConfig(
-            data=str(manifest), splits=str(split_path(manifest, fraction, seed)), out=str(run), method=method,
-            vlm=str(vlm) if vlm else "", epochs=size.train_epochs, batch_size=size.batch_size,
-            image_size=size.image_size, lr=size.lr, patience=size.patience, device=device, seed=seed,
-            progress=False, unet=UNetConfig(base_width=size.unet_width),
-            semi=replace(SegMethodConfig(), **(semi_overrides or {})))
+        overrides = {"data": str(manifest), "splits": str(split_path(manifest, fraction, seed)), "out": str(run),
+                     "method": method, "vlm": str(vlm) if vlm else "", "epochs": size.train_epochs,
+                     "batch_size": size.batch_size, "image_size": size.image_size, "lr": size.lr,
+                     "patience": size.patience, "device": device, "seed": seed, "progress": False,
+                     "unet.base_width": size.unet_width,
+                     **{f"semi.{k}": v for k, v in (semi_overrides or {}).items()}}
+        # each method from its published preset (dusss train does the same)
+        cfg = load_config(TrainConfig, None, overrides, presets=seg_method_preset(method))
         resume = (run / "state.safetensors").is_file()
         log(f"train {run.name}{' (resume)' if resume else ''}")
         run_train(cfg, overwrite=not resume, resume=resume)
@@ -201,6 +204,7 @@ def train_one(manifest: Path, method: str, fraction: float, seed: int, size: Siz
     result = {"method": method, "fraction": fraction, "seed": seed, "run": str(run.relative_to(ROOT)),
               "test_dice": ev["dice"], "test_miou": ev["iou"], "test_hd95": ev.get("hd95"),
               "best_val_dice": rows[-1].get("best/val_dice"), "best_epoch": rows[-1].get("best/epoch"),
+              "final_val_dice": rows[-1].get("val/dice"), "steps": rows[-1].get("step"),
               "epochs_run": rows[-1].get("epoch"), "train_seconds": train_s,
               "wall_seconds_this_call": time.time() - t0, "pseudo_label_dice": best_pseudo(run / "metrics.jsonl")}
     bench.write_text(json.dumps(result, indent=2))
@@ -224,8 +228,10 @@ def aggregate(runs: list[dict[str, Any]], key=lambda r: (r["method"], r["fractio
     out = {}
     for k, rs in groups.items():
         agg: dict[str, Any] = {"n_seeds": len(rs), "seeds": [r["seed"] for r in rs]}
-        for m in ("test_dice", "test_miou", "train_seconds", "best_val_dice"):
-            vals = [r[m] for r in rs]
+        for m in ("test_dice", "test_miou", "train_seconds", "best_val_dice", "final_val_dice"):
+            vals = [r[m] for r in rs if r.get(m) is not None]
+            if not vals:
+                continue
             agg[m] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                       "values": vals}
         pls = [r["pseudo_label_dice"] for r in rs if r["pseudo_label_dice"]]
@@ -240,8 +246,8 @@ def aggregate(runs: list[dict[str, Any]], key=lambda r: (r["method"], r["fractio
 def table(runs: list[dict[str, Any]], size: Size) -> str:
     agg = aggregate(runs)
     lines = [("| method | labels | test Dice (%) | test mIoU (%) | paper Dice / mIoU | seeds | "
-              "pseudo-label Dice teacher / text / merged (%) | train s / run |"),
-             "|---|---|---|---|---|---|---|---|"]
+              "best / final val Dice (%) | pseudo-label Dice teacher / text / merged (%) | steps | train s / run |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, f in ROWS:
         rs = [r for r in runs if r["method"] == m and r["fraction"] == f]
         if not rs:
@@ -249,11 +255,12 @@ def table(runs: list[dict[str, Any]], size: Size) -> str:
         paper = PAPER.get((m, f))
         pl = agg[(m, f)].get("pseudo_label_dice")
         pl_s = " / ".join(f"{100 * pl[n]['mean']:.1f}" for n in ("teacher", "text", "merged") if n in pl) if pl else "-"
-        name = {"supervised": "U-Net (supervised)", "mt": "MT", "dusss": "DuSSS"}[m]
+        name = {"supervised": "U-Net (supervised)", "mt": "MT", "unimatch": "UniMatch", "dusss": "DuSSS"}[m]
         lines.append(f"| {name} | {int(f * 100)} % | {_ms([r['test_dice'] for r in rs])} | "
                      f"{_ms([r['test_miou'] for r in rs])} | "
-                     f"{f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '-'} | {len(rs)} | {pl_s} | "
-                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+                     f"{f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '-'} | {len(rs)} | "
+                     f"{_ms([r.get('best_val_dice') for r in rs])} / {_ms([r.get('final_val_dice') for r in rs])} | "
+                     f"{pl_s} | {rs[0].get('steps', '-')} | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
     lines.append("")
     lines.append(f"U-Net base_width {size.unet_width} (paper: 64, 14.75 M params), {size.image_size}px, "
                  f"≤ {size.train_epochs} epochs (patience {size.patience} on val Dice), batch {size.batch_size}, "

@@ -109,9 +109,13 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Defaults of `cls`, then the YAML file at `path`, then dotted `overrides` (None values ignored)."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                presets: dict[str, Any] | None = None) -> T:
+    """Defaults of `cls`, then dotted `presets`, then the YAML file at `path`, then dotted `overrides`
+    (None values ignored)."""
     data: dict[str, Any] = to_dict(cls())
+    for key, value in (presets or {}).items():
+        set_path(data, key, value)
     if path is not None:
         p = Path(path)
         if not p.is_file():

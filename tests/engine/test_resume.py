@@ -26,6 +26,7 @@ import torch
 from dusss.cli import main
 from dusss.engine.checkpoint import load_checkpoint
 from dusss.engine.train import TrainConfig, load_segmentation_model, run_train
+from dusss.methods.perturb import PerturbConfig
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig
 from dusss.models.unet import UNetConfig
 
@@ -144,7 +145,7 @@ def _config(data: tuple[Path, Path], out: Path, epochs: int = EPOCHS) -> TrainCo
     manifest, split = data
     return TrainConfig(data=str(manifest), splits=str(split), out=str(out), method="mt", epochs=epochs,
                        batch_size=2, image_size=32, lr=0.01, device="cpu", seed=3, progress=False,
-                       unet=UNetConfig(base_width=4), semi=SegMethodConfig(teacher_noise=0.1))
+                       unet=UNetConfig(base_width=4), semi=SegMethodConfig(perturb=PerturbConfig(teacher_noise=0.1)))
 
 
 class _Crash(Exception):

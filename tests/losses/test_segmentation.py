@@ -98,7 +98,25 @@ def test_semi_loss_hand_value_and_detached_targets() -> None:
 
 def test_consistency_loss_values() -> None:
     student = torch.full((1, 1, 2, 2), LN3)  # p = 0.75
-    teacher = torch.full((1, 1, 2, 2), -LN3)  # q = 0.25
+    teacher = torch.full((1, 1, 2, 2), 0.25)  # target probability q = 0.25
     bce = -0.25 * math.log(0.75) - 0.75 * math.log(0.25)
     assert consistency_loss(student, teacher).item() == pytest.approx(bce, abs=1e-6)
     assert consistency_loss(student, teacher, kind="mse").item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_pixel_weight_masks_each_loss_by_hand() -> None:
+    """Confidence-masked losses: Σ w·ℓ / all pixels for BCE and MSE, Dice over the weighted pixels only."""
+    student = torch.tensor([[[[LN3, -LN3], [LN3, 0.0]]]])  # p = 0.75, 0.25, 0.75, 0.5
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    weight = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])  # the two bottom pixels are ignored
+    # BCE of the two kept pixels: -ln 0.75 each; divided by all 4 pixels
+    assert consistency_loss(student, target, "bce", weight=weight).item() == pytest.approx(
+        2 * -math.log(0.75) / 4, abs=1e-6)
+    # MSE: (0.25² + 0.25²) / 4
+    assert consistency_loss(student, target, "mse", weight=weight).item() == pytest.approx(0.125 / 4, abs=1e-6)
+    # Dice over kept pixels: inter = 0.75, Σp = 1.0, Σt = 1 -> 1 - (1.5 + 1)/(2 + 1)
+    assert dice_loss(student, target, weight=weight).item() == pytest.approx(1 - 2.5 / 3, abs=1e-6)
+    # unweighted Dice differs (the ignored pixels count): inter = 0.75 + 0.5, Σp = 2.25, Σt = 2
+    assert dice_loss(student, target).item() == pytest.approx(1 - (2 * 1.25 + 1) / 5.25, abs=1e-6)
+    with pytest.raises(ValueError, match="pixel weight"):
+        soft_bce(student, target, weight=weight[..., :1])

@@ -9,6 +9,8 @@ import torch
 
 from dusss.config import from_dict
 from dusss.errors import CheckpointError, ConfigError
+from dusss.losses.segmentation import seg_loss, soft_bce
+from dusss.methods.perturb import PerturbConfig
 from dusss.methods.segmentation import (
     SEG_METHODS,
     AMVLMMethod,
@@ -53,7 +55,7 @@ def _build(name: str, **cfg) -> tuple:
 
 
 def test_registry_names() -> None:
-    assert {"supervised", "mt", "dusss", "amvlm"} <= set(SEG_METHODS)
+    assert {"supervised", "mt", "unimatch", "dusss", "amvlm"} <= set(SEG_METHODS)
     assert SEG_METHODS["amvlm"] is AMVLMMethod and issubclass(AMVLMMethod, DuSSSMethod)
     assert SEG_METHODS["dusss"].needs_vlm and not SEG_METHODS["mt"].needs_vlm
     assert SEG_METHODS["mt"].uses_unlabeled and not SEG_METHODS["supervised"].uses_unlabeled
@@ -197,7 +199,7 @@ def test_state_dict_round_trip_restores_teacher_and_generator() -> None:
 
 
 def test_options_and_edge_cases() -> None:
-    method, _, _ = _build("dusss", teacher_noise=0.1, text_term=False, semi_loss="dice_bce")
+    method, _, _ = _build("dusss", perturb=PerturbConfig(teacher_noise=0.1), text_term=False, semi_loss="dice_bce")
     loss, logs = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=2, total_steps=10)
     assert torch.isfinite(loss) and "semi_text" not in logs
     loss, logs = method.loss(_batch(2, 1, True), None, step=2, total_steps=10)  # no unlabeled batch
@@ -247,3 +249,119 @@ def test_text_gate_keeps_an_unreliable_text_mask_out_of_the_pseudo_label() -> No
     # The running reliability is part of the resumable state.
     state = method.state_dict()
     assert "text_reliability" in state
+
+
+# -- the semi-supervised core: BatchNorm coupling, a teacher that differs from the student, UniMatch ----------
+
+
+@pytest.mark.parametrize("forward", ["separate", "joint"])
+def test_labeled_loss_depends_on_the_unlabeled_batch_only_in_joint_forward(forward: str) -> None:
+    """Root cause of the Mean-Teacher collapse: in one joint pass, BatchNorm's batch statistics carry the
+    unlabeled images into the labeled loss (and its gradient); two separate passes keep them apart."""
+    method, _, _ = _build("mt", consistency_weight=0.0, student_forward=forward)
+    method.train()
+    lab = _batch(4, 1, True)
+    sups = [method.loss(lab, _batch(4, seed, False), step=3, total_steps=10)[1]["sup"] for seed in (2, 3)]
+    if forward == "separate":
+        assert sups[0] == sups[1]
+    else:
+        assert abs(sups[0] - sups[1]) > 1e-4
+
+
+def _perturbed_teacher(method) -> None:
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for p in method.teacher.module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 1e-3))
+
+
+def test_mt_consistency_targets_the_teacher_by_hand() -> None:
+    """A teacher that differs from the student: loss = L_sup + MSE(σ(z_s), σ(z_t)); swapping roles changes it."""
+    method, student, _ = _build("mt", consistency="mse", consistency_weight=1.0, rampup_fraction=0.0)
+    _perturbed_teacher(method)
+    method.train()
+    lab, unl = _batch(2, 1, True), _batch(3, 2, False)
+    loss, logs = method.loss(lab, unl, step=4, total_steps=10)
+    with torch.no_grad():  # the same train-mode passes the method makes (batch statistics, so deterministic)
+        z_l, z_s = student(lab["image"]), student(unl["image"])
+        z_t = method.teacher(unl["image"])
+    sup = float(seg_loss(z_l, lab["mask"], "dice_bce"))
+    cons = float(((torch.sigmoid(z_s) - torch.sigmoid(z_t)) ** 2).mean())
+    swapped = float(((torch.sigmoid(z_t) - torch.sigmoid(z_s)) ** 2).mean())  # same value: MSE is symmetric
+    assert logs["sup"] == pytest.approx(sup, rel=1e-5)
+    assert logs["cons"] == pytest.approx(cons, rel=1e-5) and swapped == pytest.approx(cons, rel=1e-5)
+    assert loss.item() == pytest.approx(sup + cons, rel=1e-5)
+    # the gradient runs through the student only: with BCE (not symmetric) the direction shows which is which
+    method.cfg.consistency = "bce"
+    loss, logs = method.loss(lab, unl, step=4, total_steps=10)
+    bce_ts = float(soft_bce(z_s, torch.sigmoid(z_t)))
+    bce_st = float(soft_bce(z_t, torch.sigmoid(z_s)))
+    assert logs["cons"] == pytest.approx(bce_ts, rel=1e-5) and abs(bce_ts - bce_st) > 1e-4
+    loss.backward()
+    assert all(p.grad is None for p in method.teacher.module.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+
+
+def test_mt_hard_confident_targets_and_teacher_noise() -> None:
+    """Hard labels keep only confident teacher pixels; with τ above every confidence the term is 0."""
+    method, _, _ = _build("mt", consistency="bce", consistency_weight=1.0, rampup_fraction=0.0,
+                          perturb=PerturbConfig(pseudo_label="hard", confidence=0.999999))
+    method.train()
+    loss, logs = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=1, total_steps=10)
+    assert logs["cons"] == 0.0 and loss.item() == pytest.approx(logs["sup"], rel=1e-6)
+    method.cfg.perturb = PerturbConfig(pseudo_label="hard", confidence=0.5)  # every pixel counts
+    _, logs = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=1, total_steps=10)
+    assert logs["cons"] > 0.1
+
+
+def test_unimatch_combines_two_strong_views_and_the_feature_stream() -> None:
+    cfg = {"consistency": "dice_bce", "consistency_weight": 1.0, "rampup_fraction": 0.0,
+               "perturb": PerturbConfig(pseudo_label="hard", confidence=0.5, feature_dropout=0.5, cutmix_p=1.0)}
+    method, student, _ = _build("unimatch", **cfg)
+    assert method.teacher is None  # the student is its own teacher
+    method.train()
+    torch.manual_seed(0)
+    loss, logs = method.loss(_batch(2, 1, True), _batch(4, 2, False), step=1, total_steps=10)
+    # L = L_sup + ¼(ℓ_s1 + ℓ_s2) + ½ℓ_fp, logged as u_s = ½(ℓ_s1 + ℓ_s2) and u_fp = ℓ_fp
+    assert logs["cons"] == pytest.approx(0.5 * logs["u_s"] + 0.5 * logs["u_fp"], rel=1e-5)
+    assert loss.item() == pytest.approx(logs["sup"] + logs["cons"], rel=1e-5)
+    assert logs["confident"] == 1.0 and logs["u_s"] > 0 and logs["u_fp"] > 0
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+    # without the feature stream the two strong views share the whole weight
+    method.cfg.perturb = PerturbConfig(pseudo_label="hard", confidence=0.5, feature_dropout=0.0)
+    _, logs = method.loss(_batch(2, 1, True), _batch(4, 2, False), step=1, total_steps=10)
+    assert "u_fp" not in logs and logs["cons"] == pytest.approx(logs["u_s"], rel=1e-6)
+
+
+def test_presets_give_each_method_its_published_setting_under_file_and_flags(tmp_path) -> None:
+    from dusss.config import load_config
+    from dusss.engine.train import TrainConfig
+    from dusss.methods.segmentation import seg_method_preset
+
+    cfg = load_config(TrainConfig, None, {"method": "mt"}, presets=seg_method_preset("mt"))
+    assert cfg.semi.consistency_weight == 0.1 and cfg.semi.perturb.teacher_noise == 0.1
+    assert cfg.semi.perturb.teacher_noise_clip == 0.2 and cfg.semi.rampup_fraction == 1.0
+    yml = tmp_path / "c.yaml"
+    yml.write_text("semi: {consistency_weight: 0.5}\n")
+    cfg = load_config(TrainConfig, yml, {"method": "unimatch"}, presets=seg_method_preset("unimatch"))
+    assert cfg.semi.consistency_weight == 0.5  # the file wins over the preset
+    assert cfg.semi.perturb.pseudo_label == "hard" and cfg.semi.perturb.feature_dropout == 0.5
+    assert seg_method_preset("supervised") == {}
+    with pytest.raises(ConfigError, match="soft"):
+        _build("dusss", perturb=PerturbConfig(pseudo_label="hard"))
+    with pytest.raises(ConfigError, match="separate"):
+        SegMethodConfig(student_forward="joint", perturb=PerturbConfig(feature_dropout=0.5))
+
+
+def test_dusss_student_sees_the_strong_view() -> None:
+    """With the strong view on, the student's unlabeled logits differ from the weak-view ones, L_semi stays finite."""
+    method, _, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=0.0,
+                          perturb=PerturbConfig(strong=True, cutmix_p=1.0, jitter_p=1.0))
+    method.train()
+    torch.manual_seed(0)
+    loss_s, logs_s = method.loss(_batch(2, 1, True), _batch(3, 2, False), step=5, total_steps=10)
+    method.cfg.perturb = PerturbConfig()
+    _loss_w, logs_w = method.loss(_batch(2, 1, True), _batch(3, 2, False), step=5, total_steps=10)
+    assert torch.isfinite(loss_s) and logs_s["semi"] != pytest.approx(logs_w["semi"], rel=1e-4)
+    assert logs_s["sup"] == pytest.approx(logs_w["sup"], rel=1e-6)  # the labeled pass does not see the views

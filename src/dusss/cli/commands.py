@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., help="Manifest CSV."),
         splits: Path = typer.Option(..., help="Split file from `dusss data split`."),
         out: Path = typer.Option(..., help="Run folder to write."),
-        method: str | None = typer.Option(None, help="supervised | mt | dusss | amvlm (default dusss)."),
+        method: str | None = typer.Option(None, help="supervised | mt | unimatch | dusss | amvlm (default dusss); each starts from its published preset."),
         vlm: Path | None = typer.Option(None, help="RUN/vlm.safetensors from `dusss pretrain` (dusss, amvlm)."),
         config: Path | None = typer.Option(None, help="YAML config."),
         epochs: int | None = typer.Option(None),
@@ -104,7 +104,10 @@ def register(app: typer.Typer) -> None:
                      "grad_accum": grad_accum, "compile": compile_model, "num_workers": num_workers}
         if quiet:
             overrides["progress"] = False
-        cfg = load_config(TrainConfig, config, overrides)
+        from dusss.methods.segmentation import seg_method_preset
+
+        chosen = load_config(TrainConfig, config, overrides).method  # the method's published setting, under both
+        cfg = load_config(TrainConfig, config, overrides, presets=seg_method_preset(chosen))
         run = run_train(cfg, overwrite=overwrite, resume=resume)
         if _is_rank0():
             typer.echo(f"best model: {run / 'model.safetensors'}")

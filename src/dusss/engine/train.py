@@ -307,7 +307,8 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
                 _save_text_mask(method, run, cfg)
             else:
                 bad_epochs += 1
-            row.update({"best/val_dice": best_dice, "best/epoch": best_epoch})
+            # stability: how far this epoch's val Dice sits below the best so far (0 at a new best)
+            row.update({"best/val_dice": best_dice, "best/epoch": best_epoch, "val/drop_from_best": best_dice - dice})
             save_checkpoint(run / "last.safetensors", student.state_dict(), MODEL_KIND,
                             {**meta_common, "epoch": epoch + 1, "val_dice": dice})
             assert logger is not None

@@ -5,21 +5,34 @@ around the frozen VLM. The training loop only calls `parameters()`, `loss(...)`,
 `pseudo_labels(...)`, `train()/eval()` and `state_dict()/load_state_dict()`; it never knows which method runs.
 
 * `supervised`: L_sup (eq 15) on the labeled images only.
-* `mt`: L_sup + λ(t)·consistency, the consistency being BCE of the student's unlabeled logits against the
-  teacher's soft prediction σ(z_t) (detached; `consistency="mse"` gives the classic MSE on probabilities).
+* `mt`: L_sup + λ(t)·consistency(z_s, target(z_t)) with the EMA teacher of eq 13 (soft σ(z_t) or a
+  confidence-masked hard label, `perturb.pseudo_label`; MSE on probabilities by default).
+* `unimatch` (Yang et al., CVPR 2023): the student is its own teacher on the weak view (no EMA, no
+  gradient); hard labels kept where confident (τ = 0.95) train two independent strong views (photometric +
+  CutMix) and a feature-perturbed weak view: L_sup + λ(t)·(¼ℓ(s1) + ¼ℓ(s2) + ½ℓ(fp)) ... see the class.
 * `dusss` / `amvlm` (identical Step 2; AMVLM differs only in the VLM): L_sup + λ(t)·L_semi (eqs 14-18, logit-space
   merge, targets detached, so no gradient from L_semi reaches the teacher, f_g or κ/β) + tg_weight·L_tg (eq 12,
   trains f_g, κ_m, β_m and the L_tg scale only) + text_supervised_weight·BCE(z_text, y) on the labeled images
   (trains f_g and κ, β: "trained with L_tg and with the labeled masks").
 
 λ(t) = consistency_weight · exp(−5(1 − min(t/T_r, 1))²), T_r = rampup_fraction · total_steps (0 → constant).
-The teacher sees the same unlabeled tensor as the student (the authors' setting), plus Gaussian noise of
-std `teacher_noise` when that is > 0. Batches are dicts `{"image", "mask", "has_mask", "text", "key"}`.
-When a method that uses unlabeled data gets `unlabeled=None`, only the labeled terms are computed.
+
+Views (`dusss.methods.perturb`): the teacher and the text-mask generator see the weak view (the loader's
+geometric augmentation, plus `perturb.teacher_noise`); the student sees the strong view when
+`perturb.strong` (photometric + CutMix, the targets CutMixed with the same boxes).
+
+Student forward (`student_forward`): "separate" (default) runs the labeled and the unlabeled images through
+the student in two forward passes, so BatchNorm normalises each with its own batch statistics; "joint"
+concatenates them into one batch. With joint, the labeled loss reaches the unlabeled images through the
+BatchNorm batch statistics, and gradient descent uses the unsupervised images as a lever on the
+normalisation of the labeled ones: the eval-mode (running-statistics) network then collapses
+(docs/method-notes.md, "Mean-Teacher collapse"). Batches are dicts `{"image", "mask", "has_mask", "text",
+"key"}`. When a method that uses unlabeled data gets `unlabeled=None`, only the labeled terms are computed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +43,7 @@ from torch import nn
 from dusss.config import check
 from dusss.errors import CheckpointError, ConfigError
 from dusss.losses.segmentation import consistency_loss, merge_logits, seg_loss, semi_loss, soft_bce
+from dusss.methods.perturb import Mix, PerturbConfig, pseudo_targets, strong_view, teacher_view
 from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
 from dusss.models.grounding import TextMaskConfig, TextMaskGenerator
 
@@ -41,9 +55,11 @@ __all__ = [
     "SegMethod",
     "SegMethodConfig",
     "SupervisedMethod",
+    "UniMatchMethod",
     "build_seg_method",
     "consistency_lambda",
     "register_seg_method",
+    "seg_method_preset",
     "sigmoid_rampup",
 ]
 
@@ -58,17 +74,18 @@ class SegMethodConfig:
     ema_buffers: Literal["copy", "ema"] = "ema"  # BN running stats EMA-averaged with the weights, or copied
     seg_loss: Literal["dice_bce", "bce"] = "dice_bce"  # L_sup (eq 15)
     semi_loss: Literal["bce", "dice_bce"] = "bce"  # ℓ of eqs 16-17
-    consistency: Literal["bce", "mse"] = "mse"  # mt consistency (MSE of probabilities, as in Mean Teacher)
+    consistency: Literal["bce", "mse", "dice_bce"] = "mse"  # mt/unimatch ℓ on unlabeled images (MT: MSE)
+    student_forward: Literal["separate", "joint"] = "separate"  # labeled/unlabeled in two passes or one batch
     text_term: bool = True  # eq 17 (L_semi^text); False → L_semi = L_semi^merged
     merge: Literal["logit", "prob"] = "logit"  # "prob" = repro of the code's probability-space merge (S3)
     tg_weight: float = 1.0  # L_tg (eq 12)
     text_supervised_weight: float = 1.0  # BCE(z_text, y) on labeled images
-    teacher_noise: float = 0.0  # std of Gaussian noise on the teacher's input (0 = same tensor)
     # Text gate: the text mask enters L_semi (merge + eq 17) only once its running Dice on the labeled images
     # reaches this value; before that L_semi^merged uses the teacher alone. 0 = always on (the paper).
     text_gate_dice: float = 0.3
     text_gate_momentum: float = 0.9  # EMA of the text mask's Dice on labeled batches
     text_mask: TextMaskConfig = field(default_factory=TextMaskConfig)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
     def __post_init__(self) -> None:
         check(self.consistency_weight >= 0, f"consistency_weight must be >= 0, got {self.consistency_weight}")
@@ -77,14 +94,18 @@ class SegMethodConfig:
         check(self.ema_buffers in ("copy", "ema"), f"ema_buffers must be copy or ema, got {self.ema_buffers!r}")
         check(self.seg_loss in ("dice_bce", "bce"), f"seg_loss must be dice_bce or bce, got {self.seg_loss!r}")
         check(self.semi_loss in ("dice_bce", "bce"), f"semi_loss must be dice_bce or bce, got {self.semi_loss!r}")
-        check(self.consistency in ("bce", "mse"), f"consistency must be bce or mse, got {self.consistency!r}")
+        check(self.consistency in ("bce", "mse", "dice_bce"),
+              f"consistency must be bce, mse or dice_bce, got {self.consistency!r}")
+        check(self.student_forward in ("separate", "joint"),
+              f"student_forward must be separate or joint, got {self.student_forward!r}")
+        check(not (self.student_forward == "joint" and self.perturb.feature_dropout > 0),
+              "perturb.feature_dropout needs student_forward: separate (it perturbs the unlabeled pass only)")
         check(self.merge in ("logit", "prob"), f"merge must be logit or prob, got {self.merge!r}")
         check(self.tg_weight >= 0, f"tg_weight must be >= 0, got {self.tg_weight}")
         check(
             self.text_supervised_weight >= 0,
             f"text_supervised_weight must be >= 0, got {self.text_supervised_weight}",
         )
-        check(self.teacher_noise >= 0, f"teacher_noise must be >= 0, got {self.teacher_noise}")
         check(0 <= self.text_gate_dice <= 1, f"text_gate_dice must be in [0, 1], got {self.text_gate_dice}")
         check(0 <= self.text_gate_momentum < 1, f"text_gate_momentum must be in [0, 1), got {self.text_gate_momentum}")
 
@@ -234,13 +255,15 @@ class SegMethod:
     def _student_forward(
         self, x_l: torch.Tensor, x_u: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Student logits for labeled and unlabeled images; one forward over the concatenation when possible."""
+        """Student logits for labeled and unlabeled images: two passes (`student_forward="separate"`), or one
+        pass over the concatenation ("joint", the coupled-BatchNorm setting kept for the ablation)."""
         if x_u is None:
             return self.student(x_l), None
-        if x_l.shape[1:] == x_u.shape[1:]:
+        fd = self.cfg.perturb.feature_dropout
+        if self.cfg.student_forward == "joint" and x_l.shape[1:] == x_u.shape[1:]:
             z = self.student(torch.cat([x_l, x_u], dim=0))
             return z[: x_l.shape[0]], z[x_l.shape[0] :]
-        return self.student(x_l), self.student(x_u)
+        return self.student(x_l), (self.student(x_u, feature_dropout=fd) if fd > 0 else self.student(x_u))
 
     def _sup_loss(self, z_l: torch.Tensor, y: torch.Tensor | None, has: torch.Tensor) -> torch.Tensor:
         """L_sup (eq 15): seg_loss over the labeled images that have a mask."""
@@ -249,10 +272,17 @@ class SegMethod:
         return _masked_mean(seg_loss(z_l, y, self.cfg.seg_loss, reduction="none"), has)
 
     def _teacher_logits(self, x_u: torch.Tensor) -> torch.Tensor:
+        """The EMA teacher's logits on the weak view (plus `perturb.teacher_noise`)."""
         assert self.teacher is not None
-        if self.cfg.teacher_noise > 0:
-            x_u = x_u + self.cfg.teacher_noise * torch.randn_like(x_u)
-        return self.teacher(x_u)
+        return self.teacher(teacher_view(x_u, self.cfg.perturb))
+
+    def _unlabeled_term(self, z_s: torch.Tensor, z_t: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+        """ℓ(z_s, target(z_t)): soft or confidence-masked hard targets (`perturb`), CutMixed like the student's view."""
+        target, weight = pseudo_targets(z_t, self.cfg.perturb)
+        if mix is not None:
+            target = mix.apply(target)
+            weight = mix.apply(weight) if weight is not None else None
+        return consistency_loss(z_s, target, self.cfg.consistency, weight=weight)
 
     @torch.no_grad()
     def _student_eval(self, images: torch.Tensor) -> torch.Tensor:
@@ -320,13 +350,14 @@ class MeanTeacherMethod(SegMethod):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         x_l, y_l, has_l, _ = self._unpack(labeled)
         x_u = self._unpack(unlabeled)[0] if unlabeled is not None else None
-        z_l, z_u = self._student_forward(x_l, x_u)
+        x_s, mix = strong_view(x_u, self.cfg.perturb) if x_u is not None else (None, None)
+        z_l, z_s = self._student_forward(x_l, x_s)
         l_sup = self._sup_loss(z_l, y_l, has_l)
         lam = consistency_lambda(self.cfg, step, total_steps)
         logs: dict[str, torch.Tensor | float] = {"sup": l_sup, "lambda": lam}
         loss = l_sup
-        if z_u is not None and x_u is not None:
-            l_cons = consistency_loss(z_u, self._teacher_logits(x_u), self.cfg.consistency)
+        if z_s is not None and x_u is not None:
+            l_cons = self._unlabeled_term(z_s, self._teacher_logits(x_u), mix)
             loss = loss + lam * l_cons
             logs["cons"] = l_cons
         logs["loss"] = loss
@@ -339,6 +370,60 @@ class MeanTeacherMethod(SegMethod):
         out = super().pseudo_labels(images, texts)
         out["teacher"] = self.teacher(images.to(self.device))
         return out
+
+
+@register_seg_method("unimatch")
+class UniMatchMethod(SegMethod):
+    """UniMatch (Yang et al., "Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic
+    Segmentation", CVPR 2023), for binary masks.
+
+    The student is its own teacher: its prediction on the weak view (no gradient, train mode as in the
+    authors' code) gives hard labels 1[p ≥ 0.5] kept where max(p, 1 − p) ≥ τ (`perturb.confidence`). They
+    train (i) two independent strong views of the weak batch (photometric + CutMix, targets CutMixed the
+    same way) and (ii) the weak view with Dropout2d(`perturb.feature_dropout`) on the encoder features:
+    L = L_sup + λ(t)·(¼ℓ(z_s1) + ¼ℓ(z_s2) + ½ℓ(z_fp)), ℓ = `consistency` with the confidence mask.
+    The authors write (L_sup + L_u)/2; the common factor ½ is left out (Adam is scale-free). Their preset is
+    `METHOD_PRESETS["unimatch"]`. The strong view is always on here, whatever `perturb.strong` says.
+    """
+
+    uses_unlabeled = True
+
+    def loss(
+        self,
+        labeled: dict[str, Any],
+        unlabeled: dict[str, Any] | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x_l, y_l, has_l, _ = self._unpack(labeled)
+        l_sup = self._sup_loss(self.student(x_l), y_l, has_l)
+        lam = consistency_lambda(self.cfg, step, total_steps)
+        logs: dict[str, torch.Tensor | float] = {"sup": l_sup, "lambda": lam}
+        loss = l_sup
+        if unlabeled is not None:
+            pcfg = dataclasses.replace(self.cfg.perturb, strong=True)
+            x_w = self._unpack(unlabeled)[0]
+            with torch.no_grad():
+                z_w = self.student(x_w)
+            x_s1, mix1 = strong_view(x_w, pcfg)
+            x_s2, mix2 = strong_view(x_w, pcfg)
+            z_s1, z_s2 = self.student(torch.cat([x_s1, x_s2], dim=0)).chunk(2, dim=0)
+            fd = self.cfg.perturb.feature_dropout
+            z_fp = self.student(x_w, feature_dropout=fd) if fd > 0 else None
+            l_s1 = self._unlabeled_term(z_s1, z_w, mix1)
+            l_s2 = self._unlabeled_term(z_s2, z_w, mix2)
+            if z_fp is not None:
+                l_fp = self._unlabeled_term(z_fp, z_w, None)
+                l_u = 0.25 * (l_s1 + l_s2) + 0.5 * l_fp
+                logs["u_fp"] = l_fp
+            else:
+                l_u = 0.5 * (l_s1 + l_s2)
+            loss = loss + lam * l_u
+            p_w = torch.sigmoid(z_w.float())
+            logs.update({"u_s": 0.5 * (l_s1 + l_s2), "cons": l_u,
+                         "confident": (torch.maximum(p_w, 1 - p_w) >= self.cfg.perturb.confidence).float().mean()})
+        logs["loss"] = loss
+        return loss, self._floats(logs)
 
 
 @register_seg_method("dusss")
@@ -355,6 +440,9 @@ class DuSSSMethod(MeanTeacherMethod):
     def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
         if vlm is None:
             raise ConfigError(f"method {self.name!r} needs a pretrained VLM (--vlm)")
+        if cfg.perturb.pseudo_label != "soft":
+            raise ConfigError(f"method {self.name!r} trains on the soft merged label of eq 16: "
+                              "perturb.pseudo_label must be soft")
         super().__init__(cfg, student, vlm)
         self.text_mask = TextMaskGenerator(vlm, cfg.text_mask).to(self.device)
         self.text_reliability = torch.zeros(())  # running Dice of the text mask on labeled images
@@ -376,7 +464,8 @@ class DuSSSMethod(MeanTeacherMethod):
         x_u, t_u = (None, [])
         if unlabeled is not None:
             x_u, _, _, t_u = self._unpack(unlabeled)
-        z_l, z_u = self._student_forward(x_l, x_u)
+        x_s, mix = strong_view(x_u, cfg.perturb) if x_u is not None else (None, None)
+        z_l, z_u = self._student_forward(x_l, x_s)
         l_sup = self._sup_loss(z_l, y_l, has_l)
         lam = consistency_lambda(cfg, step, total_steps)
         logs: dict[str, torch.Tensor | float] = {"sup": l_sup, "lambda": lam}
@@ -417,14 +506,13 @@ class DuSSSMethod(MeanTeacherMethod):
         logs["text_gate"] = float(gate_open)
         if z_u is not None and z_text_u is not None and x_u is not None:
             z_t = self._teacher_logits(x_u)
+            mixed = mix.apply if mix is not None else None
             if gate_open:
-                l_semi, parts = semi_loss(
-                    z_u, z_t, z_text_u.detach(), cfg.semi_loss, use_text_term=cfg.text_term, merge=cfg.merge
-                )
+                l_semi, parts = semi_loss(z_u, z_t, z_text_u.detach(), cfg.semi_loss, use_text_term=cfg.text_term,
+                                          merge=cfg.merge, target_transform=mixed)
             else:  # text not yet reliable: the merged label is the teacher's alone, no eq-17 term
-                l_semi, parts = semi_loss(
-                    z_u, z_t, torch.zeros_like(z_t), cfg.semi_loss, use_text_term=False, merge="logit"
-                )
+                l_semi, parts = semi_loss(z_u, z_t, torch.zeros_like(z_t), cfg.semi_loss, use_text_term=False,
+                                          merge="logit", target_transform=mixed)
             loss = loss + lam * l_semi
             logs.update({f"semi_{k}" if k != "semi" else "semi": v for k, v in parts.items()})
         logs["kappa"] = self.text_mask.kappa.detach()
@@ -454,6 +542,28 @@ class DuSSSMethod(MeanTeacherMethod):
 @register_seg_method("amvlm")
 class AMVLMMethod(DuSSSMethod):
     """AMVLM Step 2: the same SSMIS stage as DuSSS (only the pretrained VLM differs)."""
+
+
+# Each method's published setting, as dotted `TrainConfig` keys. `dusss train` applies the preset of the
+# chosen method under the YAML file and the flags (both override it); benchmarks and the demo use it too.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    # SSL4MIS train_mean_teacher_2D.py (the paper's MT row): MSE of probabilities, λ_max 0.1 ramped over the
+    # whole run (consistency_rampup 200 "epochs" of 150 iterations = max_iterations 30000), teacher input
+    # noise clamp(N(0, 0.1²), ±0.2), EMA 0.99, soft targets, student on the weak view.
+    "mt": {"semi.consistency": "mse", "semi.consistency_weight": 0.1, "semi.rampup_fraction": 1.0,
+           "semi.ema_decay": 0.99, "semi.perturb.teacher_noise": 0.1, "semi.perturb.teacher_noise_clip": 0.2,
+           "semi.perturb.pseudo_label": "soft"},
+    # UniMatch (more-scenarios/medical): τ = 0.95, Dropout2d(0.5) feature stream, two strong views with
+    # CutMix p = 0.5, λ = 1 from the first step. ℓ = ½Dice + ½BCE on the confident pixels (theirs: Dice).
+    "unimatch": {"semi.consistency": "dice_bce", "semi.consistency_weight": 1.0, "semi.rampup_fraction": 0.0,
+                 "semi.perturb.pseudo_label": "hard", "semi.perturb.confidence": 0.95,
+                 "semi.perturb.feature_dropout": 0.5, "semi.perturb.cutmix_p": 0.5},
+}
+
+
+def seg_method_preset(name: str) -> dict[str, Any]:
+    """The dotted config overrides that give method `name` its published setting ({} when it has none)."""
+    return dict(METHOD_PRESETS.get(name, {}))
 
 
 def build_seg_method(

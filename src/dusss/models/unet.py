@@ -99,7 +99,9 @@ class UNet(nn.Module):
         self.up1 = Up(w, w, w)
         self.outc = nn.Conv2d(w, self.cfg.n_classes, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
+        """Logits for `x`; `feature_dropout` > 0 drops whole channels (Dropout2d, always on) of every encoder
+        feature before the decoder reads it: UniMatch's feature perturbation stream."""
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % 16, (-w) % 16
         if pad_h or pad_w:
@@ -109,6 +111,8 @@ class UNet(nn.Module):
         x3 = self.down2(x2)
         x4 = self.down3(x3)
         x5 = self.down4(x4)
+        if feature_dropout > 0:
+            x1, x2, x3, x4, x5 = (F.dropout2d(f, feature_dropout, training=True) for f in (x1, x2, x3, x4, x5))
         y = self.up4(x5, x4)
         y = self.up3(y, x3)
         y = self.up2(y, x2)
