@@ -48,6 +48,14 @@ class PerturbConfig:
     feature_dropout: float = 0.0  # Dropout2d on the student's encoder features (UniMatch's FP stream: 0.5)
     pseudo_label: Literal["soft", "hard"] = "soft"
     confidence: float = 0.95  # τ for hard pseudo-labels
+    # BatchNorm running statistics from perturbed passes (strong views, dropped features): False (ours) keeps
+    # them to the clean passes, the distribution eval mode sees; True = the authors' code (every pass updates)
+    bn_update_perturbed: bool = False
+
+    @property
+    def perturbs_student(self) -> bool:
+        """True when the student's unlabeled pass sees something other than the weak view."""
+        return self.strong or self.feature_dropout > 0
 
     def __post_init__(self) -> None:
         check(self.teacher_noise >= 0, f"perturb.teacher_noise must be >= 0, got {self.teacher_noise}")

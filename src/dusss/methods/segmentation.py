@@ -32,6 +32,7 @@ normalisation of the labeled ones: the eval-mode (running-statistics) network th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from dusss.config import check
 from dusss.errors import CheckpointError, ConfigError
 from dusss.losses.segmentation import consistency_loss, merge_logits, seg_loss, semi_loss, soft_bce
 from dusss.methods.perturb import Mix, PerturbConfig, pseudo_targets, strong_view, teacher_view
+from dusss.models.batchnorm import frozen_running_stats
 from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
 from dusss.models.grounding import TextMaskConfig, TextMaskGenerator
 
@@ -259,11 +261,19 @@ class SegMethod:
         pass over the concatenation ("joint", the coupled-BatchNorm setting kept for the ablation)."""
         if x_u is None:
             return self.student(x_l), None
-        fd = self.cfg.perturb.feature_dropout
+        pc = self.cfg.perturb
         if self.cfg.student_forward == "joint" and x_l.shape[1:] == x_u.shape[1:]:
             z = self.student(torch.cat([x_l, x_u], dim=0))
             return z[: x_l.shape[0]], z[x_l.shape[0] :]
-        return self.student(x_l), (self.student(x_u, feature_dropout=fd) if fd > 0 else self.student(x_u))
+        z_l = self.student(x_l)
+        with self._perturbed_pass(pc.perturbs_student):
+            z_u = self.student(x_u, feature_dropout=pc.feature_dropout) if pc.feature_dropout > 0 else self.student(x_u)
+        return z_l, z_u
+
+    def _perturbed_pass(self, perturbed: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Context for a student pass over perturbed inputs: BatchNorm running statistics stay as they are
+        (unless `perturb.bn_update_perturbed`)."""
+        return frozen_running_stats(self.student, enabled=perturbed and not self.cfg.perturb.bn_update_perturbed)
 
     def _sup_loss(self, z_l: torch.Tensor, y: torch.Tensor | None, has: torch.Tensor) -> torch.Tensor:
         """L_sup (eq 15): seg_loss over the labeled images that have a mask."""
@@ -407,9 +417,10 @@ class UniMatchMethod(SegMethod):
                 z_w = self.student(x_w)
             x_s1, mix1 = strong_view(x_w, pcfg)
             x_s2, mix2 = strong_view(x_w, pcfg)
-            z_s1, z_s2 = self.student(torch.cat([x_s1, x_s2], dim=0)).chunk(2, dim=0)
             fd = self.cfg.perturb.feature_dropout
-            z_fp = self.student(x_w, feature_dropout=fd) if fd > 0 else None
+            with self._perturbed_pass():
+                z_s1, z_s2 = self.student(torch.cat([x_s1, x_s2], dim=0)).chunk(2, dim=0)
+                z_fp = self.student(x_w, feature_dropout=fd) if fd > 0 else None
             l_s1 = self._unlabeled_term(z_s1, z_w, mix1)
             l_s2 = self._unlabeled_term(z_s2, z_w, mix2)
             if z_fp is not None:

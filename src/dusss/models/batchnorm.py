@@ -1,0 +1,28 @@
+"""BatchNorm helpers for teacher-student training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def frozen_running_stats(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, BatchNorm layers in train mode still normalise with the batch statistics but leave
+    their running mean / variance (and `num_batches_tracked`) untouched, so that a pass over perturbed inputs
+    (strong views, dropped features) does not move the statistics that eval mode uses. `enabled=False`: no-op."""
+    if not enabled:
+        yield
+        return
+    saved: list[tuple[nn.modules.batchnorm._BatchNorm, bool]] = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            saved.append((m, m.track_running_stats))
+            m.track_running_stats = False  # with running buffers present, forward then uses batch stats only
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.track_running_stats = flag
