@@ -130,3 +130,63 @@ def test_accumulator_policy_one_and_logits() -> None:
     out = m.compute()
     assert out["dice"] == 1.0 and out["n_scored"] == 2 and out["n_empty"] == 1
     assert math.isnan(out["hd95"])
+
+
+# -- boundary cases of every policy, and an independent reference -----------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "one_px_pred", "empty_pred"), [("skip", math.nan, math.nan), ("one", 0.0, 1.0),
+                                                                    ("zero", 0.0, 0.0)])
+def test_one_pixel_prediction_is_not_empty(policy: str, one_px_pred: float, empty_pred: float) -> None:
+    """Empty truth: a 1-pixel prediction is a false positive (0 under `one`), an empty one is right."""
+    empty = torch.zeros(4, 4)
+    one = torch.zeros(4, 4)
+    one[2, 3] = 1.0
+    for fn in (dice_score, iou_score):
+        got = fn(torch.stack([one, empty]), torch.stack([empty, empty]), empty_policy=policy).tolist()
+        for g, w in zip(got, [one_px_pred, empty_pred]):
+            assert (math.isnan(g) and math.isnan(w)) or g == w, (fn.__name__, policy, got)
+
+
+def test_one_pixel_truth_hand_values() -> None:
+    gt = torch.zeros(4, 4)
+    gt[0, 0] = 1.0
+    hit, miss, wide = gt.clone(), torch.zeros(4, 4), torch.zeros(4, 4)
+    miss[3, 3] = 1.0
+    wide[0, :2] = 1.0  # the pixel and its neighbour
+    d = dice_score(torch.stack([hit, miss, wide, torch.zeros(4, 4)]), gt.expand(4, 4, 4), empty_policy="one")
+    torch.testing.assert_close(d, torch.tensor([1.0, 0.0, 2 / 3, 0.0], dtype=torch.float64))
+    i = iou_score(wide[None], gt[None])
+    assert i.item() == pytest.approx(0.5)
+    assert hd95(hit, gt) == 0.0 and hd95(miss, gt) == pytest.approx(math.sqrt(18))
+
+
+def _reference(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
+    """Dice, IoU and HD95 written independently: set sizes and scipy's distance transform."""
+    from scipy import ndimage
+
+    inter, n_p, n_g = float((pred & gt).sum()), float(pred.sum()), float(gt.sum())
+    dice = 2 * inter / (n_p + n_g)
+    iou = inter / (n_p + n_g - inter)
+    def edge(m: np.ndarray) -> np.ndarray:
+        return m & ~ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
+    ep, eg = edge(pred), edge(gt)
+    d_to_g = ndimage.distance_transform_edt(~eg)[ep]
+    d_to_p = ndimage.distance_transform_edt(~ep)[eg]
+    return dice, iou, float(np.percentile(np.concatenate([d_to_g, d_to_p]), 95))
+
+
+def test_metrics_match_an_independent_reference_on_random_masks() -> None:
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    for _ in range(25):
+        pred = ndimage.binary_dilation(rng.random((24, 20)) < 0.03, iterations=int(rng.integers(0, 3)))
+        gt = ndimage.binary_dilation(rng.random((24, 20)) < 0.03, iterations=int(rng.integers(0, 3)))
+        if not pred.any() or not gt.any():
+            continue
+        dice, iou, h = _reference(pred, gt)
+        p, g = torch.from_numpy(pred)[None].float(), torch.from_numpy(gt)[None].float()
+        assert dice_score(p, g).item() == pytest.approx(dice, abs=1e-12)
+        assert iou_score(p, g).item() == pytest.approx(iou, abs=1e-12)
+        assert hd95(pred, gt) == pytest.approx(h, abs=1e-9)

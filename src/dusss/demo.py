@@ -15,7 +15,10 @@ from typing import Any
 
 from dusss.engine.checkpoint import atomic_write_text
 
-DEMO_METHODS = ("supervised", "mt", "dusss")
+DEMO_METHODS = ("supervised", "mt", "unimatch", "dusss")
+VLM_METHODS = ("dusss",)
+# Demo-only Step-2 settings on top of each method's preset (dotted TrainConfig keys).
+DEMO_SEMI: dict[str, dict[str, object]] = {}
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,6 @@ def demo_configs(out: Path, size: DemoSize, seed: int) -> tuple[Any, dict[str, A
     """The pre-training config and the per-method training configs of the demo."""
     from dusss.engine.pretrain import PretrainConfig
     from dusss.engine.train import TrainConfig
-    from dusss.methods.segmentation import SegMethodConfig
-    from dusss.models.unet import UNetConfig
     from dusss.models.vlm import VLMConfig
 
     manifest = str(out / "data" / "manifest.csv")
@@ -49,16 +50,18 @@ def demo_configs(out: Path, size: DemoSize, seed: int) -> tuple[Any, dict[str, A
     pre = PretrainConfig(data=manifest, out=str(out / "vlm"), method="dusss", epochs=size.pretrain_epochs,
                          batch_size=16, image_size=size.image_size, lr=3e-4, seed=seed, vlm=vlm_cfg)
     trains = {}
+    from dusss.config import load_config
+    from dusss.methods.segmentation import seg_method_preset
+
     for method in DEMO_METHODS:
-        trains[method] = TrainConfig(
-            data=manifest, splits=str(out / "splits.json"), out=str(out / method), method=method,
-            vlm=str(out / "vlm" / "vlm.safetensors") if method == "dusss" else "",
-            epochs=size.train_epochs, batch_size=size.batch_size, image_size=size.image_size, seed=seed,
-            # 14 epochs of 4 labeled batches: 3e-4 leaves MT's student under-trained (Dice 0.27 vs 0.72 at 1e-3).
-            lr=1e-3,
-            patience=max(size.train_epochs, 1), unet=UNetConfig(base_width=size.unet_width),
-            # A few hundred steps only: a faster teacher (α = 0.95) than the paper-scale default 0.99.
-            semi=SegMethodConfig(ema_decay=0.95))
+        overrides = {
+            "data": manifest, "splits": str(out / "splits.json"), "out": str(out / method), "method": method,
+            "vlm": str(out / "vlm" / "vlm.safetensors") if method in VLM_METHODS else "",
+            "epochs": size.train_epochs, "batch_size": size.batch_size, "image_size": size.image_size,
+            "seed": seed, "lr": 1e-3, "patience": max(size.train_epochs, 1),  # no early stop: equal steps
+            "unet.base_width": size.unet_width, **DEMO_SEMI.get(method, {})}
+        # every method from its published preset (as `dusss train` does), then the demo's sizes
+        trains[method] = load_config(TrainConfig, None, overrides, presets=seg_method_preset(method))
     return pre, trains
 
 
@@ -87,12 +90,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     for i, method in enumerate(DEMO_METHODS):
-        print(f"[{3 + (i > 0)}/5] training {method}")
+        print(f"[{3 + (i > 0)}/5] training {method} ({trains[method].epochs} epochs)")
         t = time.time()
         run_train(trains[method], overwrite=True)
         timings[method] = time.time() - t
         ev = evaluate_run(out / method, manifest, split="test")
-        results[method] = {"dice": ev["dice"], "miou": ev["iou"], "hd95": ev.get("hd95", float("nan"))}
+        results[method] = {"dice": ev["dice"], "miou": ev["iou"], "hd95": ev.get("hd95", float("nan")),
+                           **_stability(out / method / "metrics.jsonl")}
     pseudo = _last_pseudo_label_dice(out / "dusss" / "metrics.jsonl")
     summary = {"methods": results, "pseudo_label_dice": pseudo, "seconds": time.time() - t0,
                "train_seconds": timings, "size": size.__dict__, "seed": seed}
@@ -104,6 +108,15 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(format_table(summary))
     return summary
+
+
+def _stability(metrics_jsonl: Path) -> dict[str, float]:
+    """Best and final val Dice of a run, the drop between them, and its optimizer steps."""
+    from dusss.engine.logging import read_metrics
+
+    vals = [float(r["val/dice"]) for r in read_metrics(metrics_jsonl)]
+    rows = read_metrics(metrics_jsonl)
+    return {"best_val": max(vals), "final_val": vals[-1], "drop": max(vals) - vals[-1], "steps": int(rows[-1]["step"])}
 
 
 def _last_pseudo_label_dice(metrics_jsonl: Path) -> dict[str, float]:
@@ -120,9 +133,11 @@ def _last_pseudo_label_dice(metrics_jsonl: Path) -> dict[str, float]:
 
 def format_table(summary: dict[str, Any]) -> str:
     """Plain-text results table (printed at the end of the demo)."""
-    lines = [f"{'method':<12}{'Dice':>8}{'mIoU':>8}{'HD95':>8}"]
+    lines = [f"{'method':<12}{'Dice':>8}{'mIoU':>8}{'HD95':>8}{'best val':>10}{'final val':>11}{'steps':>7}"]
     for m, r in summary["methods"].items():
-        lines.append(f"{m:<12}{r['dice']:>8.4f}{r['miou']:>8.4f}{r.get('hd95', float('nan')):>8.2f}")
+        lines.append(f"{m:<12}{r['dice']:>8.4f}{r['miou']:>8.4f}{r.get('hd95', float('nan')):>8.2f}"
+                     f"{r.get('best_val', float('nan')):>10.4f}{r.get('final_val', float('nan')):>11.4f}"
+                     f"{r.get('steps', 0):>7}")
     pl = summary.get("pseudo_label_dice") or {}
     if pl:
         lines.append("pseudo-label Dice on unlabeled train images: " + ", ".join(f"{k} {v:.4f}" for k, v in pl.items()))

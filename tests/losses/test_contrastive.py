@@ -262,3 +262,23 @@ def test_icl_with_tiny_sigma_matches_building_blocks_and_noise_is_per_element() 
     zt = F.normalize(mu_t + eps_t, dim=-1)
     assert abs(float(logs1["icl_g2l_img"]) - float(g2l_infonce(zi[:, 1:], zi[:, 0], 0.1))) < 1e-5
     assert abs(float(logs1["icl_g2l_txt"]) - float(g2l_infonce(zt[:, 1:], zt[:, 0], 0.1, tmask))) < 1e-5
+
+
+def test_w2_logits_and_gaussian_kl_hand_values() -> None:
+    """(−a·W2 + b)/τ with W2 = ||Δμ||² + ||Δσ||² written out by hand; KL(N(μ, σ²) || N(0, 1)) per row, averaged."""
+    from dusss.losses.contrastive import gaussian_kl_standard, w2_logits
+
+    mu_x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    sg_x = torch.tensor([[1.0, 1.0], [0.5, 1.0]])
+    mu_y = torch.tensor([[1.0, 1.0]])
+    sg_y = torch.tensor([[2.0, 1.0]])
+    # W2(x0, y0) = (0² + 1²) + (1² + 0²) = 2; W2(x1, y0) = (1² + 1²) + (1.5² + 0²) = 4.25
+    got = w2_logits(mu_x, sg_x, mu_y, sg_y, tau=0.5, a=0.1, b=4.0)
+    torch.testing.assert_close(got, torch.tensor([[(-0.2 + 4.0) / 0.5], [(-0.425 + 4.0) / 0.5]]))
+    # a nearer Gaussian gets the larger logit (the sign that makes W2 a distance)
+    assert got[0, 0] > got[1, 0]
+    # KL row 0: μ = (1, 0), σ = (1, 1) -> ½(1 + 1 − 1 − 0) + ½(1 + 0 − 1 − 0) = 0.5
+    # KL row 1: μ = (0, 2), σ = (0.5, 1) -> ½(0.25 − 1 − ln 0.25) + ½(1 + 4 − 1) = ½(−0.75 + 1.386294) + 2
+    kl1 = 0.5 * (0.25 - 1 - math.log(0.25)) + 2.0
+    assert gaussian_kl_standard(mu_x, sg_x).item() == pytest.approx((0.5 + kl1) / 2, rel=1e-6)
+    assert gaussian_kl_standard(torch.zeros(3, 4), torch.ones(3, 4)).item() == 0.0

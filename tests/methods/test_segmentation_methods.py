@@ -365,3 +365,27 @@ def test_dusss_student_sees_the_strong_view() -> None:
     _loss_w, logs_w = method.loss(_batch(2, 1, True), _batch(3, 2, False), step=5, total_steps=10)
     assert torch.isfinite(loss_s) and logs_s["semi"] != pytest.approx(logs_w["semi"], rel=1e-4)
     assert logs_s["sup"] == pytest.approx(logs_w["sup"], rel=1e-6)  # the labeled pass does not see the views
+
+
+def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
+    """Gate open (the paper): L_semi = ½[BCE(z_s, σ(z_t + z_text)) + BCE(z_s, σ(z_text))] with the *teacher's*
+    z_t; a perturbed teacher makes swapping student and teacher visible."""
+    method, student, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=0.0, tg_weight=0.0,
+                                text_supervised_weight=0.0, consistency_weight=1.0)
+    _perturbed_teacher(method)
+    method.train()
+    lab, unl = _batch(2, 1, True), _batch(3, 2, False)
+    loss, logs = method.loss(lab, unl, step=5, total_steps=10)
+    assert logs["text_gate"] == 1.0
+    with torch.no_grad():
+        z_s = student(unl["image"])
+        z_t = method.teacher(unl["image"])
+        z_text = method.text_mask(unl["image"], list(unl["text"]), with_tg=False)["logits"]
+    merged = float(soft_bce(z_s, torch.sigmoid(z_t + z_text)))
+    text = float(soft_bce(z_s, torch.sigmoid(z_text)))
+    assert logs["semi_merged"] == pytest.approx(merged, rel=1e-5)
+    assert logs["semi_text"] == pytest.approx(text, rel=1e-5)
+    assert logs["semi"] == pytest.approx(0.5 * (merged + text), rel=1e-5)
+    swapped = float(soft_bce(z_t, torch.sigmoid(z_s + z_text)))
+    assert abs(swapped - merged) > 1e-3  # the student's logits are the prediction, the teacher's the target
+    assert loss.item() == pytest.approx(logs["sup"] + logs["semi"], rel=1e-5)
