@@ -30,20 +30,22 @@ RUNS = ROOT / "benchmarks" / ".runs" / "phantom_ssl"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _data(root: Path) -> tuple[Path, Path]:
+def _data(root: Path, labeled: float = 0.25) -> tuple[Path, Path]:
     from dusss.data.manifest import read_manifest
     from dusss.data.splits import make_split, save_split
     from dusss.data.synth import generate_phantoms
 
-    manifest, splits = root / "data" / "manifest.csv", root / "splits.json"
+    manifest = root / "data" / "manifest.csv"
+    splits = root / ("splits.json" if labeled == 0.25 else f"splits_{round(labeled * 100)}.json")
     if not manifest.is_file():
         generate_phantoms(root / "data", n=128, size=96, seed=0)
     if not splits.is_file():
-        save_split(make_split(read_manifest(manifest), labeled_fraction=0.25, seed=0), splits)
+        save_split(make_split(read_manifest(manifest), labeled_fraction=labeled, seed=0), splits)
     return manifest, splits
 
 
-def run_cell(method: str, seed: int, epochs: int, extra: dict[str, Any], tag: str, threads: int) -> dict[str, Any]:
+def run_cell(method: str, seed: int, epochs: int, extra: dict[str, Any], tag: str, threads: int,
+             labeled: float = 0.25) -> dict[str, Any]:
     """Train (or reuse) one run and evaluate its best-val model on test."""
     from dusss.config import load_config
     from dusss.engine.evaluate import evaluate_run
@@ -51,8 +53,9 @@ def run_cell(method: str, seed: int, epochs: int, extra: dict[str, Any], tag: st
     from dusss.engine.train import TrainConfig, run_train
     from dusss.methods.segmentation import seg_method_preset
 
-    manifest, splits = _data(RUNS)
-    out = RUNS / f"{method}{tag}_s{seed}"
+    manifest, splits = _data(RUNS, labeled)
+    frac = "" if labeled == 0.25 else f"_l{round(labeled * 100)}"
+    out = RUNS / f"{method}{tag}{frac}_s{seed}"
     overrides = {"data": str(manifest), "splits": str(splits), "out": str(out), "method": method,
                  "epochs": epochs, "batch_size": 8, "image_size": 96, "lr": 1e-3, "seed": seed,
                  "patience": epochs, "threads": threads, "progress": False, "unet.base_width": 16, **extra}
@@ -65,7 +68,7 @@ def run_cell(method: str, seed: int, epochs: int, extra: dict[str, Any], tag: st
     rows = read_metrics(out / "metrics.jsonl")
     vals = [float(r["val/dice"]) for r in rows]
     best = max(vals)
-    return {"method": method + tag, "seed": seed, "test_dice": ev["dice"], "test_iou": ev["iou"],
+    return {"method": method + tag + frac, "seed": seed, "labeled": labeled, "test_dice": ev["dice"], "test_iou": ev["iou"],
             "best_val": best, "final_val": vals[-1], "drop": best - vals[-1], "min_val_after_best":
             min(vals[vals.index(best):]), "steps": int(rows[-1]["step"]), "epochs": len(rows),
             "seconds": seconds, "pseudo": {k: v for k, v in rows[-1].items() if k.startswith("pseudo/")}}
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--labeled", type=float, default=0.25, help="labeled fraction of the training rows")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override")
     ap.add_argument("--tag", default="", help="suffix of the run names (for --set variants)")
     ap.add_argument("--out", default=str(RESULTS / "phantom_ssl.json"))
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in args.methods.split(","):
-            cell = run_cell(method, seed, args.epochs, extra, args.tag, args.threads)
+            cell = run_cell(method, seed, args.epochs, extra, args.tag, args.threads, args.labeled)
             cells.append(cell)
             print(json.dumps({k: cell[k] for k in ("method", "seed", "test_dice", "best_val", "final_val", "steps")}),
                   flush=True)

@@ -564,9 +564,11 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "mt": {"semi.consistency": "mse", "semi.consistency_weight": 0.1, "semi.rampup_fraction": 1.0,
            "semi.ema_decay": 0.99, "semi.perturb.teacher_noise": 0.1, "semi.perturb.teacher_noise_clip": 0.2,
            "semi.perturb.pseudo_label": "soft"},
-    # UniMatch (more-scenarios/medical): τ = 0.95, Dropout2d(0.5) feature stream, two strong views with
-    # CutMix p = 0.5, λ = 1 from the first step. ℓ = ½Dice + ½BCE on the confident pixels (theirs: Dice).
-    "unimatch": {"semi.consistency": "dice_bce", "semi.consistency_weight": 1.0, "semi.rampup_fraction": 0.0,
+    # UniMatch: τ = 0.95, Dropout2d(0.5) feature stream, two strong views with CutMix p = 0.5, λ = 1 from the
+    # first step, ℓ = cross-entropy (BCE) on the confident pixels over all pixels (their semantic-segmentation
+    # loss; their medical code uses a batch-level class Dice, whose per-image binary form is ill-posed on the
+    # sparse confident set: docs/method-notes.md).
+    "unimatch": {"semi.consistency": "bce", "semi.consistency_weight": 1.0, "semi.rampup_fraction": 0.0,
                  "semi.perturb.pseudo_label": "hard", "semi.perturb.confidence": 0.95,
                  "semi.perturb.feature_dropout": 0.5, "semi.perturb.cutmix_p": 0.5},
 }
