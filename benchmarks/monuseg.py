@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     ap.add_argument("--ablation", action="store_true", help="also run the Table 2 switches at 50 %% labels")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
+    ap.add_argument("--only-seeds", default="", help="comma list: train only these seeds (to run seeds in "
+                                                      "parallel processes; tabulate with --report-only after)")
     ap.add_argument("--epochs", type=int, default=None, help="max training epochs per run")
     ap.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (val Dice)")
     ap.add_argument("--width", type=int, default=None, help="U-Net base width (paper 64)")
@@ -330,13 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     vlm, vlm_info = pretrain_vlm(manifest, size, args.device, root)
     log(f"VLM: {vlm_info['seconds']:.0f} s, val retrieval {vlm_info['val_retrieval']}")
     runs: list[dict[str, Any]] = []
-    for seed in range(size.seeds):
+    seeds = [int(x) for x in args.only_seeds.split(",")] if args.only_seeds else list(range(size.seeds))
+    for seed in seeds:
         for method, frac in rows:
             run = root / f"{method}_{int(frac * 100)}_s{seed}"
             if args.report_only and not (run / "DONE").is_file():
                 continue
             runs.append(train_one(manifest, method, frac, seed, size, args.device, run,
-                                  vlm if method == "dusss" else None))
+                                  vlm if method in ("dusss", "amvlm") else None))
             print(table(runs, size), flush=True)
     ablation_runs: list[dict[str, Any]] = []
     ablation_vlms: dict[str, Any] = {}

@@ -571,6 +571,10 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "unimatch": {"semi.consistency": "bce", "semi.consistency_weight": 1.0, "semi.rampup_fraction": 0.0,
                  "semi.perturb.pseudo_label": "hard", "semi.perturb.confidence": 0.95,
                  "semi.perturb.feature_dropout": 0.5, "semi.perturb.cutmix_p": 0.5},
+    # DuSSS / AMVLM Step 2 (the papers give no augmentation): the student on the strong view (photometric +
+    # CutMix), the EMA teacher and the text-mask generator on the weak view, soft targets (eq 16). Ours.
+    "dusss": {"semi.perturb.strong": True},
+    "amvlm": {"semi.perturb.strong": True},
 }
 
 
