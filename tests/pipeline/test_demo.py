@@ -24,7 +24,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_summary_has_every_method_and_pseudo_label_dice(demo: tuple[Path, dict]) -> None:
     out, summary = demo
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk["methods"]) == {"supervised", "mt", "unimatch", "dusss"}
+    assert set(on_disk["methods"]) == {"supervised", "mt", "dusss"}
     for r in on_disk["methods"].values():
         assert 0.0 <= r["dice"] <= 1.0 and 0.0 <= r["miou"] <= r["dice"] + 1e-9  # IoU <= Dice per image
         assert r["drop"] == pytest.approx(r["best_val"] - r["final_val"]) and r["drop"] >= 0
@@ -37,7 +37,7 @@ def test_summary_has_every_method_and_pseudo_label_dice(demo: tuple[Path, dict])
 def test_report_is_self_contained_and_has_the_table(demo: tuple[Path, dict]) -> None:
     out, _ = demo
     html = (out / "report.html").read_text()
-    assert "Test results" in html and "supervised" in html and "dusss" in html and "unimatch" in html
+    assert "Test results" in html and "supervised" in html and "dusss" in html
     assert "drop from best" in html
     assert html.count("data:image/png;base64,") >= 4  # overlays, heat-maps, curves inline
     assert "http://" not in html and "https://" not in html

@@ -77,7 +77,8 @@ class TrainConfig:
     threads: int = 0
     augment: bool = True
     progress: bool = True
-    pseudo_label_eval_max: int = 64
+    pseudo_label_eval_max: int = 64  # unlabeled rows with hidden masks scored each epoch (0 = none)
+    curves_every: int = CURVES_EVERY  # redraw curves.png every this many epochs (0 = only at the end)
     threshold: float = 0.5
     unet: UNetConfig = field(default_factory=UNetConfig)
     semi: SegMethodConfig = field(default_factory=SegMethodConfig)
@@ -93,6 +94,8 @@ class TrainConfig:
         check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}")
         check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")
+        check(self.curves_every >= 0, f"curves_every must be >= 0, got {self.curves_every}")
+        check(self.pseudo_label_eval_max >= 0, f"pseudo_label_eval_max must be >= 0, got {self.pseudo_label_eval_max}")
 
 
 def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, list[Record]]:
@@ -195,7 +198,8 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     lab_ds = SegmentationDataset(parts["labeled"], cfg.image_size, augment=cfg.augment, seed=cfg.seed)
     unl_ds = SegmentationDataset(parts["unlabeled"], cfg.image_size, augment=cfg.augment, seed=cfg.seed + 1) if parts["unlabeled"] else None
     val_loader = DataLoader(SegmentationDataset(parts["val"], cfg.image_size), batch_size=16, shuffle=False)
-    pl_rows = parts["unlabeled_eval"][: cfg.pseudo_label_eval_max]
+    # pseudo-label quality only where there are pseudo-labels (a supervised run would score its student twice)
+    pl_rows = parts["unlabeled_eval"][: cfg.pseudo_label_eval_max] if SEG_METHODS[cfg.method].uses_unlabeled else []
     pl_loader = DataLoader(SegmentationDataset(pl_rows, cfg.image_size), batch_size=16, shuffle=False) if pl_rows else None
     for ds in (lab_ds, unl_ds, val_loader.dataset, pl_loader.dataset if pl_loader is not None else None):
         if ds is not None:
@@ -313,7 +317,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
                             {**meta_common, "epoch": epoch + 1, "val_dice": dice})
             assert logger is not None
             logger.log(step, row, epoch=epoch + 1)
-            if (epoch + 1) % CURVES_EVERY == 0:
+            if cfg.curves_every and (epoch + 1) % cfg.curves_every == 0:
                 plot_curves(run / "metrics.jsonl", run / "curves.png")
             # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
             modules = {"student": student.state_dict()}

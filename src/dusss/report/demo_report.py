@@ -88,8 +88,8 @@ def heatmap_prompts(report: str) -> list[str]:
 
 
 _METHOD_WORDS = ("supervised: labeled images only; mt: SSL4MIS Mean Teacher; unimatch: weak-to-strong "
-                 "consistency with two strong views and a feature-perturbed view; dusss: Mean Teacher whose "
-                 "pseudo-labels merge the text-guided mask of the frozen VLM")
+                 "consistency; dusss: Mean Teacher on a strong view whose pseudo-labels merge the text-guided "
+                 "mask of the frozen VLM")
 
 
 def write_demo_report(out: Path, summary: dict[str, Any], manifest: Path, n_examples: int = 4) -> Path:
