@@ -33,11 +33,11 @@ class DemoSize:
     batch_size: int
 
 
-# 22 epochs of 8 steps (one pass over the 57 unlabeled images), 176 steps: on this set `supervised` is within
-# ~0.02 of its 320-step val Dice by then (docs/benchmarks.md) and three runs fit the 5-minute budget. A step
-# at this size is latency-bound on 2 cores (64 px costs the same 1.2 s an epoch as 96 px), so the images stay
-# at 96 px. `unimatch` (4.5x a supervised step) is left to benchmarks/phantom_ssl.py.
-FULL = DemoSize(n_images=128, image_size=96, pretrain_epochs=6, train_epochs=22, unet_width=16, batch_size=8)
+# 24 epochs of 8 steps (one pass over the 57 unlabeled images) = 192 steps at 64 px: on this set `supervised`
+# is within ~0.02 of its 320-step val Dice by then (docs/benchmarks.md), and three runs fit the 5-minute
+# budget (64 px costs half of 96 px an epoch). `unimatch` (4.5x a supervised step) is left to
+# benchmarks/phantom_ssl.py.
+FULL = DemoSize(n_images=128, image_size=64, pretrain_epochs=6, train_epochs=24, unet_width=16, batch_size=8)
 QUICK = DemoSize(n_images=48, image_size=64, pretrain_epochs=2, train_epochs=3, unet_width=8, batch_size=8)
 
 
