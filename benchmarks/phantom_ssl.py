@@ -60,10 +60,10 @@ def run_cell(method: str, seed: int, epochs: int, extra: dict[str, Any], tag: st
                  "epochs": epochs, "batch_size": 8, "image_size": 96, "lr": 1e-3, "seed": seed,
                  "patience": epochs, "threads": threads, "progress": False, "unet.base_width": 16, **extra}
     cfg = load_config(TrainConfig, None, overrides, presets=seg_method_preset(method))
-    t0 = time.time()
+    t0 = time.time()  # the training seconds come from RUN/DONE (written by run_train)
     if not (out / "DONE").is_file():
         run_train(cfg, overwrite=not (out / "state.safetensors").is_file(), resume=(out / "state.safetensors").is_file())
-    seconds = time.time() - t0
+    seconds = float((out / "DONE").read_text().split()[0]) if (out / "DONE").is_file() else time.time() - t0
     ev = evaluate_run(out, manifest, split="test")
     rows = read_metrics(out / "metrics.jsonl")
     vals = [float(r["val/dice"]) for r in rows]

@@ -246,14 +246,24 @@ def test_two_process_pretraining_matches_one_process(two_ranks: Path, phantoms: 
     ranks = [torch.load(two_ranks / f"pretrain_rank{r}.pt") for r in range(2)]
     assert set(one) == set(two)
     moved = 0.0
+    n_weights = n_off = n_far = 0
     for name, ref in one.items():
         # 3 AdamW steps at lr 1e-3 move weights by ~1e-3. The runs differ only by summation order (~1e-7 in
-        # the gradients), which AdamW's g/sqrt(v) enlarges for a few near-zero gradients: 3 of 1.1 M weights
-        # differ by 1e-5 to 3e-5 here, all others by less than 1e-5.
-        assert torch.allclose(two[name], ref, rtol=1e-4, atol=1e-4), (name, float((two[name] - ref).abs().max()))
+        # the gradients), which AdamW's g/sqrt(v) enlarges for a few near-zero gradients. Measured: with
+        # transformers 4.x 3 of 1.1 M weights differed by 1e-5 to 3e-5; with 5.24 (2026-12), 10 by more than
+        # 1e-5 and one by 1.8e-4 (the ViT patch projection). A missing gather or an unaveraged gradient moves
+        # most weights by ~1e-3 instead, so: nearly all weights agree to 1e-5, none is off by a quarter step.
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # the ranks never diverge
         if ref.is_floating_point():
+            diff = (two[name] - ref).abs()
+            n_weights += ref.numel()
+            n_off += int((diff > 1e-5).sum())
+            n_far += int((diff > 1e-4).sum())
+            assert float(diff.max()) < 2.5e-4, (name, float(diff.max()))
             moved = max(moved, float((ref - init[name]).abs().max()))
+        else:
+            assert torch.equal(two[name], ref), name
+    assert n_off <= 1e-4 * n_weights and n_far <= 3, (n_off, n_far, n_weights)
     assert moved > 1e-3
     rows1 = read_metrics(tmp_path / "pretrain1" / "metrics.jsonl")
     rows2 = read_metrics(two_ranks / "runs2" / "pretrain" / "metrics.jsonl")
