@@ -176,10 +176,8 @@ def best_pseudo(metrics_jsonl: Path) -> dict[str, float]:
 
 def train_one(manifest: Path, method: str, fraction: float, seed: int, size: Size, device: str, run: Path,
               vlm: Path | None, semi_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from dusss.config import load_config
     from dusss.engine.evaluate import evaluate_run
-    from dusss.engine.train import TrainConfig, run_train
-    from dusss.methods.segmentation import seg_method_preset
+    from dusss.engine.train import load_train_config, run_train
 
     done = run / "DONE"
     bench = run / "bench.json"
@@ -194,7 +192,7 @@ def train_one(manifest: Path, method: str, fraction: float, seed: int, size: Siz
                      "unet.base_width": size.unet_width,
                      **{f"semi.{k}": v for k, v in (semi_overrides or {}).items()}}
         # each method from its published preset (dusss train does the same)
-        cfg = load_config(TrainConfig, None, overrides, presets=seg_method_preset(method))
+        cfg = load_train_config(None, overrides)
         resume = (run / "state.safetensors").is_file()
         log(f"train {run.name}{' (resume)' if resume else ''}")
         run_train(cfg, overwrite=not resume, resume=resume)

@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +46,9 @@ def _data(root: Path, labeled: float = 0.25) -> tuple[Path, Path]:
 def run_cell(method: str, seed: int, epochs: int, extra: dict[str, Any], tag: str, threads: int,
              labeled: float = 0.25) -> dict[str, Any]:
     """Train (or reuse) one run and evaluate its best-val model on test."""
-    from dusss.config import load_config
     from dusss.engine.evaluate import evaluate_run
-    from dusss.engine.logging import read_metrics
-    from dusss.engine.train import TrainConfig, run_train
-    from dusss.methods.segmentation import seg_method_preset
+    from dusss.engine.logging import read_metrics, val_stability
+    from dusss.engine.train import load_train_config, run_train
 
     manifest, splits = _data(RUNS, labeled)
     frac = "" if labeled == 0.25 else f"_l{round(labeled * 100)}"
@@ -59,19 +56,19 @@ def run_cell(method: str, seed: int, epochs: int, extra: dict[str, Any], tag: st
     overrides = {"data": str(manifest), "splits": str(splits), "out": str(out), "method": method,
                  "epochs": epochs, "batch_size": 8, "image_size": 96, "lr": 1e-3, "seed": seed,
                  "patience": epochs, "threads": threads, "progress": False, "unet.base_width": 16, **extra}
-    cfg = load_config(TrainConfig, None, overrides, presets=seg_method_preset(method))
-    t0 = time.time()  # the training seconds come from RUN/DONE (written by run_train)
+    cfg = load_train_config(None, overrides)
     if not (out / "DONE").is_file():
-        run_train(cfg, overwrite=not (out / "state.safetensors").is_file(), resume=(out / "state.safetensors").is_file())
-    seconds = float((out / "DONE").read_text().split()[0]) if (out / "DONE").is_file() else time.time() - t0
+        resume = (out / "state.safetensors").is_file()
+        run_train(cfg, overwrite=not resume, resume=resume)
+    seconds = float((out / "DONE").read_text().split()[0])  # training seconds, written by run_train
     ev = evaluate_run(out, manifest, split="test")
     rows = read_metrics(out / "metrics.jsonl")
-    vals = [float(r["val/dice"]) for r in rows]
-    best = max(vals)
-    return {"method": method + tag + frac, "seed": seed, "labeled": labeled, "test_dice": ev["dice"], "test_iou": ev["iou"],
-            "best_val": best, "final_val": vals[-1], "drop": best - vals[-1], "min_val_after_best":
-            min(vals[vals.index(best):]), "steps": int(rows[-1]["step"]), "epochs": len(rows),
-            "seconds": seconds, "pseudo": {k: v for k, v in rows[-1].items() if k.startswith("pseudo/")}}
+    stab = val_stability(rows)
+    best_row = max(rows, key=lambda r: float(r["val/dice"]))  # the first best, as val_stability
+    return {"method": method + tag + frac, "seed": seed, "labeled": labeled, "test_dice": ev["dice"],
+            "test_iou": ev["iou"], **stab, "epochs": len(rows), "seconds": seconds,
+            "pseudo_at_best": {k: v for k, v in best_row.items() if k.startswith("pseudo/")},
+            "pseudo": {k: v for k, v in rows[-1].items() if k.startswith("pseudo/")}}
 
 
 def _fmt(xs: list[float]) -> str:

@@ -16,7 +16,6 @@ from typing import Any
 from dusss.engine.checkpoint import atomic_write_text
 
 DEMO_METHODS = ("supervised", "mt", "dusss")
-VLM_METHODS = ("dusss",)
 # Demo-only Step-2 settings on top of each method's preset (dotted TrainConfig keys).
 # dusss: a faster EMA teacher (0.95) than the paper-scale 0.99, whose teacher still lags ~100 of the 192 steps
 # (its pseudo-label Dice was 0.03 at 0.99 in the demo).
@@ -46,7 +45,8 @@ QUICK = DemoSize(n_images=48, image_size=64, pretrain_epochs=2, train_epochs=3, 
 def demo_configs(out: Path, size: DemoSize, seed: int) -> tuple[Any, dict[str, Any]]:
     """The pre-training config and the per-method training configs of the demo."""
     from dusss.engine.pretrain import PretrainConfig
-    from dusss.engine.train import TrainConfig
+    from dusss.engine.train import load_train_config
+    from dusss.methods.segmentation import SEG_METHODS
     from dusss.models.vlm import VLMConfig
 
     manifest = str(out / "data" / "manifest.csv")
@@ -56,19 +56,16 @@ def demo_configs(out: Path, size: DemoSize, seed: int) -> tuple[Any, dict[str, A
     pre = PretrainConfig(data=manifest, out=str(out / "vlm"), method="dusss", epochs=size.pretrain_epochs,
                          batch_size=16, image_size=size.image_size, lr=3e-4, seed=seed, vlm=vlm_cfg)
     trains = {}
-    from dusss.config import load_config
-    from dusss.methods.segmentation import seg_method_preset
-
     for method in DEMO_METHODS:
         overrides = {
             "data": manifest, "splits": str(out / "splits.json"), "out": str(out / method), "method": method,
-            "vlm": str(out / "vlm" / "vlm.safetensors") if method in VLM_METHODS else "",
+            "vlm": str(out / "vlm" / "vlm.safetensors") if SEG_METHODS[method].needs_vlm else "",
             "epochs": size.train_epochs, "batch_size": size.batch_size, "image_size": size.image_size,
             "seed": seed, "lr": 1e-3, "patience": max(size.train_epochs, 1),  # no early stop: equal steps
             "unet.base_width": size.unet_width, "curves_every": 0, "pseudo_label_eval_max": 32,
             **DEMO_SEMI.get(method, {})}
         # every method from its published preset (as `dusss train` does), then the demo's sizes
-        trains[method] = load_config(TrainConfig, None, overrides, presets=seg_method_preset(method))
+        trains[method] = load_train_config(None, overrides)
     return pre, trains
 
 
@@ -78,6 +75,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     from dusss.data.splits import make_split, save_split
     from dusss.data.synth import generate_phantoms
     from dusss.engine.evaluate import evaluate_run
+    from dusss.engine.logging import read_metrics, val_stability
     from dusss.engine.pretrain import run_pretrain
     from dusss.engine.train import run_train
 
@@ -103,7 +101,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         timings[method] = time.time() - t
         ev = evaluate_run(out / method, manifest, split="test")
         results[method] = {"dice": ev["dice"], "miou": ev["iou"], "hd95": ev.get("hd95", float("nan")),
-                           **_stability(out / method / "metrics.jsonl")}
+                           **val_stability(read_metrics(out / method / "metrics.jsonl"))}
     pseudo = _last_pseudo_label_dice(out / "dusss" / "metrics.jsonl")
     summary = {"methods": results, "pseudo_label_dice": pseudo, "seconds": time.time() - t0,
                "train_seconds": timings, "size": size.__dict__, "seed": seed}
@@ -115,15 +113,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(format_table(summary))
     return summary
-
-
-def _stability(metrics_jsonl: Path) -> dict[str, float]:
-    """Best and final val Dice of a run, the drop between them, and its optimizer steps."""
-    from dusss.engine.logging import read_metrics
-
-    vals = [float(r["val/dice"]) for r in read_metrics(metrics_jsonl)]
-    rows = read_metrics(metrics_jsonl)
-    return {"best_val": max(vals), "final_val": vals[-1], "drop": max(vals) - vals[-1], "steps": int(rows[-1]["step"])}
 
 
 def _last_pseudo_label_dice(metrics_jsonl: Path) -> dict[str, float]:

@@ -92,3 +92,13 @@ def test_progress_is_silent_when_disabled(capsys: pytest.CaptureFixture[str]) ->
     bar.set_postfix(loss=1.0)  # still usable
     assert capsys.readouterr().err == ""
     assert list(progress([1, 2], desc="y")) == [1, 2]
+
+
+def test_val_stability_hand_values() -> None:
+    from dusss.engine.logging import val_stability
+
+    rows = [{"epoch": e, "step": 8 * e, "val/dice": v} for e, v in enumerate([0.1, 0.6, 0.5, 0.6, 0.4], start=1)]
+    got = val_stability(rows)
+    assert got["best_val"] == 0.6 and got["best_epoch"] == 2  # the first best
+    assert got["final_val"] == 0.4 and got["drop"] == pytest.approx(0.2)
+    assert got["min_val_after_best"] == 0.4 and got["steps"] == 40

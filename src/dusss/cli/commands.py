@@ -94,8 +94,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False),
     ) -> None:
         """Step 2: train the student U-Net, semi-supervised, guided by the frozen VLM's text masks."""
-        from dusss.config import load_config
-        from dusss.engine.train import TrainConfig, run_train
+        from dusss.engine.train import load_train_config, run_train
 
         overrides = {"data": str(data), "splits": str(splits), "out": str(out), "method": method,
                      "vlm": str(vlm) if vlm else None, "epochs": epochs, "batch_size": batch_size,
@@ -104,10 +103,7 @@ def register(app: typer.Typer) -> None:
                      "grad_accum": grad_accum, "compile": compile_model, "num_workers": num_workers}
         if quiet:
             overrides["progress"] = False
-        from dusss.methods.segmentation import seg_method_preset
-
-        chosen = load_config(TrainConfig, config, overrides).method  # the method's published setting, under both
-        cfg = load_config(TrainConfig, config, overrides, presets=seg_method_preset(chosen))
+        cfg = load_train_config(config, overrides)  # the method's published preset, under the file and flags
         run = run_train(cfg, overwrite=overwrite, resume=resume)
         if _is_rank0():
             typer.echo(f"best model: {run / 'model.safetensors'}")

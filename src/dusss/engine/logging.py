@@ -72,6 +72,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def val_stability(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Stability of a training run from its metrics rows: best val Dice and its epoch, the final val Dice,
+    the drop between them, the lowest val Dice from the best epoch on, and the optimizer steps."""
+    vals = [float(r["val/dice"]) for r in rows]
+    best = max(vals)
+    at = vals.index(best)
+    return {"best_val": best, "best_epoch": int(rows[at].get("epoch", at + 1)), "final_val": vals[-1],
+            "drop": best - vals[-1], "min_val_after_best": min(vals[at:]), "steps": int(rows[-1]["step"])}
+
+
 def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     cols: dict[str, None] = {}
     for row in rows:

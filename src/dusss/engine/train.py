@@ -98,6 +98,16 @@ class TrainConfig:
         check(self.pseudo_label_eval_max >= 0, f"pseudo_label_eval_max must be >= 0, got {self.pseudo_label_eval_max}")
 
 
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A `TrainConfig` from the YAML file at `path` and dotted `overrides`, on top of the chosen method's
+    published preset (`METHOD_PRESETS`): defaults < preset < file < overrides."""
+    from dusss.config import load_config
+    from dusss.methods.segmentation import seg_method_preset
+
+    method = load_config(TrainConfig, path, overrides).method
+    return load_config(TrainConfig, path, overrides, presets=seg_method_preset(method))
+
+
 def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, list[Record]]:
     by_key = {r.key: r for r in records}
     out = {name: [by_key[k] for k in split.get(name, [])] for name in ("labeled", "unlabeled", "val", "test")}

@@ -281,6 +281,11 @@ class SegMethod:
             return z_l.sum() * 0.0
         return _masked_mean(seg_loss(z_l, y, self.cfg.seg_loss, reduction="none"), has)
 
+    def _labeled_loss(self, labeled: dict[str, Any]) -> torch.Tensor:
+        """L_sup of a labeled batch through its own student pass (methods that need no other labeled output)."""
+        x_l, y_l, has_l, _ = self._unpack(labeled)
+        return self._sup_loss(self.student(x_l), y_l, has_l)
+
     def _teacher_logits(self, x_u: torch.Tensor) -> torch.Tensor:
         """The EMA teacher's logits on the weak view (plus `perturb.teacher_noise`)."""
         assert self.teacher is not None
@@ -336,8 +341,7 @@ class SupervisedMethod(SegMethod):
         step: int = 0,
         total_steps: int = 1,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        x_l, y_l, has_l, _ = self._unpack(labeled)
-        l_sup = self._sup_loss(self.student(x_l), y_l, has_l)
+        l_sup = self._labeled_loss(labeled)
         return l_sup, self._floats({"loss": l_sup, "sup": l_sup})
 
 
@@ -405,8 +409,7 @@ class UniMatchMethod(SegMethod):
         step: int = 0,
         total_steps: int = 1,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        x_l, y_l, has_l, _ = self._unpack(labeled)
-        l_sup = self._sup_loss(self.student(x_l), y_l, has_l)
+        l_sup = self._labeled_loss(labeled)
         lam = consistency_lambda(self.cfg, step, total_steps)
         logs: dict[str, torch.Tensor | float] = {"sup": l_sup, "lambda": lam}
         loss = l_sup

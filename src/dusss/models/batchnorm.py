@@ -16,13 +16,12 @@ def frozen_running_stats(module: nn.Module, enabled: bool = True) -> Iterator[No
     if not enabled:
         yield
         return
-    saved: list[tuple[nn.modules.batchnorm._BatchNorm, bool]] = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            saved.append((m, m.track_running_stats))
-            m.track_running_stats = False  # with running buffers present, forward then uses batch stats only
+    tracking = [m for m in module.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in tracking:
+        m.track_running_stats = False  # with running buffers present, forward then uses batch stats only
     try:
         yield
     finally:
-        for m, flag in saved:
-            m.track_running_stats = flag
+        for m in tracking:
+            m.track_running_stats = True
