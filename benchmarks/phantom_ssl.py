@@ -1,6 +1,6 @@
 """Semi-supervised core on the phantom set: supervised vs mt vs unimatch, same labels, same steps, 3 seeds.
 
-    python benchmarks/phantom_ssl.py                          # 3 seeds x (supervised, mt, unimatch), 60 epochs
+    python benchmarks/phantom_ssl.py                          # 3 seeds x (supervised, mt, unimatch), 40 epochs
     python benchmarks/phantom_ssl.py --methods mt --set semi.student_forward=joint   # the collapse ablation
     python benchmarks/phantom_ssl.py --seeds 0 --epochs 3     # smoke check
 
@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # text_mask.py (the shared VLM variants)
 RUNS = ROOT / "benchmarks" / ".runs" / "phantom_ssl"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -44,13 +45,19 @@ def _data(root: Path, labeled: float = 0.25) -> tuple[Path, Path]:
 
 
 def run_cell(method: str, seed: int, epochs: int, extra: dict[str, Any], tag: str, threads: int,
-             labeled: float = 0.25) -> dict[str, Any]:
-    """Train (or reuse) one run and evaluate its best-val model on test."""
+             labeled: float = 0.25, vlm: str = "vit16") -> dict[str, Any]:
+    """Train (or reuse) one run and evaluate its best-val model on test. Text-guided methods use the frozen
+    VLM variant `vlm` of benchmarks/text_mask.py, pre-trained once on these training images and reports."""
     from dusss.engine.evaluate import evaluate_run
     from dusss.engine.logging import read_metrics, val_stability
     from dusss.engine.train import load_train_config, run_train
+    from dusss.methods.segmentation import SEG_METHODS
 
     manifest, splits = _data(RUNS, labeled)
+    if SEG_METHODS[method].needs_vlm:
+        from text_mask import pretrain_vlm
+
+        extra = {"vlm": str(pretrain_vlm(vlm, manifest, threads)), **extra}
     frac = "" if labeled == 0.25 else f"_l{round(labeled * 100)}"
     out = RUNS / f"{method}{tag}{frac}_s{seed}"
     overrides = {"data": str(manifest), "splits": str(splits), "out": str(out), "method": method,
@@ -76,13 +83,16 @@ def _fmt(xs: list[float]) -> str:
 
 
 def table(cells: list[dict[str, Any]]) -> str:
-    lines = ["| method | test Dice | best val | final val | drop from best | steps | s / run |",
-             "|---|---|---|---|---|---|---|"]
+    header = ("| method | test Dice | best val | final val | drop from best | pseudo-label Dice, final: teacher / text / "
+              "merged | steps | s / run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for m in dict.fromkeys(c["method"] for c in cells):
         cs = [c for c in cells if c["method"] == m]
+        pseudo = " / ".join(_fmt([c["pseudo"][k] for c in cs]) if all(k in c["pseudo"] for c in cs) else "–"
+                            for k in ("pseudo/teacher_dice", "pseudo/text_dice", "pseudo/merged_dice"))
         lines.append(f"| {m} | {_fmt([c['test_dice'] for c in cs])} | {_fmt([c['best_val'] for c in cs])} | "
-                     f"{_fmt([c['final_val'] for c in cs])} | {_fmt([c['drop'] for c in cs])} | {cs[0]['steps']} | "
-                     f"{statistics.mean(c['seconds'] for c in cs):.0f} |")
+                     f"{_fmt([c['final_val'] for c in cs])} | {_fmt([c['drop'] for c in cs])} | {pseudo} | "
+                     f"{cs[0]['steps']} | {statistics.mean(c['seconds'] for c in cs):.0f} |")
     return "\n".join(lines)
 
 
@@ -90,18 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="supervised,mt,unimatch")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--labeled", type=float, default=0.25, help="labeled fraction of the training rows")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override")
     ap.add_argument("--tag", default="", help="suffix of the run names (for --set variants)")
+    ap.add_argument("--vlm", default="vit16", help="VLM variant of benchmarks/text_mask.py for dusss / amvlm")
     ap.add_argument("--out", default=str(RESULTS / "phantom_ssl.json"))
     args = ap.parse_args(argv)
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cells = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in args.methods.split(","):
-            cell = run_cell(method, seed, args.epochs, extra, args.tag, args.threads, args.labeled)
+            cell = run_cell(method, seed, args.epochs, extra, args.tag, args.threads, args.labeled, args.vlm)
             cells.append(cell)
             print(json.dumps({k: cell[k] for k in ("method", "seed", "test_dice", "best_val", "final_val", "steps")}),
                   flush=True)

@@ -117,3 +117,24 @@ def test_many_regions_and_bad_arguments() -> None:
         caption_mask(mask, style="poetic")
     with pytest.raises(ValueError, match="2-D"):
         caption_mask(np.zeros((2, 2, 2)))
+
+
+def test_sub_report_describes_only_the_kept_lesions() -> None:
+    import numpy as np
+
+    from dusss.data.caption import caption_mask, label_components, sub_report
+
+    mask = np.zeros((30, 30), dtype=np.uint8)
+    mask[2:6, 2:6] = 1  # upper, image left = patient's right lung
+    mask[24:28, 22:27] = 1  # lower, image right = patient's left lung
+    labels, n = label_components(mask)
+    assert n == 2
+    first = labels[3, 3]
+    keep = np.zeros(2, dtype=bool)
+    keep[first - 1] = True
+    text, sub = sub_report(mask, keep)
+    assert text == "Unilateral pulmonary infection, one infected area, upper right lung."
+    assert sub.sum() == 16 and sub[3, 3] and not sub[25, 24]
+    assert sub_report(mask, np.ones(2, dtype=bool))[0] == caption_mask(mask)
+    text, sub = sub_report(mask, np.zeros(5, dtype=bool))
+    assert text == "No pulmonary infection." and not sub.any()

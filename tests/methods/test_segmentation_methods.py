@@ -71,7 +71,7 @@ def test_build_errors() -> None:
 
 @pytest.mark.parametrize("name", ["supervised", "mt", "dusss", "amvlm"])
 def test_loss_is_finite_and_reaches_the_student_not_the_teacher(name: str) -> None:
-    method, student, vlm = _build(name, text_gate_dice=0.0)  # gate open: every term of eqs 14-18 present
+    method, student, vlm = _build(name, text_gate_dice=0.0, tg_weight=1.0)  # gate open, L_tg on: every term present
     method.train()
     loss, logs = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=3, total_steps=10)
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -121,7 +121,7 @@ def test_semi_loss_does_not_reach_the_text_mask_generator() -> None:
 
 
 def test_text_terms_reach_the_generator() -> None:
-    method, _, _ = _build("dusss", text_supervised_weight=0.0)
+    method, _, _ = _build("dusss", text_supervised_weight=0.0, tg_weight=1.0)
     loss, _ = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=5, total_steps=10)
     loss.backward()
     gen = method.text_mask
@@ -389,3 +389,71 @@ def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
     swapped = float(soft_bce(z_t, torch.sigmoid(z_s + z_text)))
     assert abs(swapped - merged) > 1e-3  # the student's logits are the prediction, the teacher's the target
     assert loss.item() == pytest.approx(logs["sup"] + logs["semi"], rel=1e-5)
+
+
+def test_text_supervised_term_is_dice_bce_by_default_and_bce_on_request() -> None:
+    lab, unl = _batch(4, 0, True), _batch(4, 1, False)
+    for kind in ("dice_bce", "bce"):
+        method, _, _ = _build("dusss", text_supervised_loss=kind, tg_weight=0.0)
+        _, logs = method.loss(lab, unl, 0, 10)
+        method.text_mask.eval()
+        with torch.no_grad():
+            z = method.text_mask(lab["image"], lab["text"], with_tg=False)["logits"]
+        assert logs["text_sup"] == pytest.approx(float(seg_loss(z, lab["mask"], kind)), abs=1e-5)
+
+
+def test_param_groups_put_the_text_mask_generator_at_its_own_lr() -> None:
+    method, _, _ = _build("dusss", text_mask_lr=1e-2)
+    groups = method.param_groups(1e-3, 1e-4)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in method.parameters())  # every trainable once
+    text_ids = {id(p) for p in method.text_mask.trainable_parameters()}
+    for g in groups:
+        is_text = {id(p) in text_ids for p in g["params"]}
+        assert len(is_text) == 1
+        assert g["lr"] == g["base_lr"] == (1e-2 if is_text == {True} else 1e-3)
+        assert g["weight_decay"] == (1e-4 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    plain, _, _ = _build("dusss", text_mask_lr=0.0)  # 0 = the run's lr for every group
+    assert {g["lr"] for g in plain.param_groups(1e-3, 1e-4)} == {1e-3}
+    assert SegMethodConfig().text_mask_lr == 1e-2
+    assert len(_build("mt")[0].param_groups(1e-3, 0.0)) == 2
+
+
+def test_warmup_fits_the_text_mask_on_labeled_images_and_leaves_the_student_alone() -> None:
+    method, student, _ = _build("dusss", text_mask_lr=1e-2, tg_weight=0.0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    batch = _batch(8, 0, True)
+
+    def dice_now() -> float:
+        from dusss.metrics import dice_score
+
+        method.text_mask.eval()
+        with torch.no_grad():
+            z = method.text_mask(batch["image"], batch["text"], with_tg=False)["logits"]
+        return float(dice_score(torch.sigmoid(z), batch["mask"]).mean())
+
+    start = dice_now()
+    logs = method.warmup(iter([batch] * 60), 60, lr=1e-3, weight_decay=0.0)
+    assert dice_now() > start + 0.3, (start, dice_now())
+    assert 0.0 < logs["text_reliability"] <= 1.0 and float(method.text_reliability) == logs["text_reliability"]
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_sub_reports_swap_in_the_report_and_mask_of_a_subset_of_the_lesions() -> None:
+    from dusss.data.caption import caption_mask
+
+    batch = _batch(16, 0, True)  # one square lesion per image
+    method, _, _ = _build("dusss", text_sub_reports=1.0)
+    torch.manual_seed(3)
+    texts, y = method._sub_reports(batch["text"], batch["mask"], batch["has_mask"])
+    dropped = 0
+    for text, sub, full in zip(texts, y, batch["mask"]):
+        if sub.sum() == 0:
+            dropped += 1
+            assert text == "No pulmonary infection."
+        else:
+            assert torch.equal(sub, full) and text == caption_mask(full[0].numpy().astype("uint8"))
+    assert 3 <= dropped <= 13  # each lesion kept with probability 1/2
+    off, _, _ = _build("dusss")
+    same_texts, same_y = off._sub_reports(batch["text"], batch["mask"], batch["has_mask"])
+    assert same_texts == batch["text"] and torch.equal(same_y, batch["mask"])

@@ -31,3 +31,17 @@ def test_frozen_running_stats_disabled_is_a_no_op() -> None:
     with frozen_running_stats(bn, enabled=False):
         bn(torch.randn(3, 2, 4, 4) + 5)
     assert float(bn.running_mean.mean()) > 0.4  # 0.1 momentum towards 5
+
+
+def test_batch_statistics_uses_the_batch_in_eval_mode_and_restores_modes() -> None:
+    from dusss.models.batchnorm import batch_statistics
+
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Dropout(0.5))
+    net.eval()
+    x = torch.tensor([[0.0, 1.0], [2.0, 5.0]])
+    with batch_statistics(net):
+        assert net[0].training and not net[1].training  # dropout keeps its mode
+        out = net(x)
+    torch.testing.assert_close(out, (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5))
+    assert not net[0].training
+    assert torch.equal(net[0].running_mean, torch.zeros(2)) and int(net[0].num_batches_tracked) == 0

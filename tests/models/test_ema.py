@@ -108,3 +108,21 @@ def test_sigmoid_rampup_values() -> None:
     assert sigmoid_rampup(100, 100) == 1.0
     assert sigmoid_rampup(500, 100) == 1.0
     assert sigmoid_rampup(0, 0) == 1.0
+
+
+def test_batch_norm_teacher_normalises_with_the_batch_and_leaves_running_stats() -> None:
+    torch.manual_seed(0)
+    student = Tiny()
+    with torch.no_grad():
+        student.bn.running_mean.fill_(5.0)
+        student.bn.running_var.fill_(4.0)
+    running = EMATeacher(student, decay=0.9, norm="running")
+    batch = EMATeacher(student, decay=0.9, norm="batch")
+    x = torch.tensor([[1.0], [2.0], [3.0], [6.0]])
+    # eval mode: (x - 5) / sqrt(4 + eps); batch statistics: (x - 3) / sqrt(biased var 3.5 + eps)
+    torch.testing.assert_close(running(x), (x - 5.0) / math.sqrt(4.0 + 1e-5))
+    torch.testing.assert_close(batch(x), (x - 3.0) / math.sqrt(3.5 + 1e-5))
+    assert batch.module.bn.running_mean.item() == 5.0 and batch.module.bn.running_var.item() == 4.0
+    assert not batch.module.training and not batch.module.bn.training
+    with pytest.raises(ConfigError, match="norm"):
+        EMATeacher(Tiny(), norm="group")

@@ -165,3 +165,61 @@ def test_trainable_state_round_trip() -> None:
     assert other.decoder.gates[1].item() == pytest.approx(0.7) and other.kappa.item() == 3.0
     with pytest.raises(KeyError):
         other.load_trainable_state_dict({"kappa": torch.tensor(1.0)})
+
+
+def test_skip_decoder_equals_plain_decoder_at_init_and_learns_from_the_image() -> None:
+    torch.manual_seed(0)
+    plain = GroundingDecoder(dim=6, n_layers=2)
+    skip = GroundingDecoder(dim=6, n_layers=2, skip_channels=4)
+    skip.load_state_dict(plain.state_dict(), strict=False)  # same convs and gates; projections are zero
+    x, image = torch.randn(2, 6, 3, 5), torch.rand(2, 3, 24, 40)
+    torch.testing.assert_close(skip(x, image), plain(x))
+    assert len(skip.skips) == 3  # the grid and both upsampled resolutions
+    with pytest.raises(ValueError, match="pass the image"):
+        skip(x)
+    skip(x, image).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in skip.skips.parameters())
+    # a non-zero projection makes the output depend on the image
+    with torch.no_grad():
+        skip.skips[2].weight.fill_(0.1)
+    assert not torch.allclose(skip(x, image), skip(x, image.flip(-1)))
+
+
+def test_skip_features_add_pooled_stem_features_through_the_projection() -> None:
+    torch.manual_seed(0)
+    dec = GroundingDecoder(dim=2, n_layers=0, skip_channels=3)
+    with torch.no_grad():
+        dec.skips[0].weight.normal_()
+        dec.skips[0].bias.normal_()
+    x, image = torch.randn(1, 2, 2, 2), torch.rand(1, 3, 8, 8)
+    feats = dec.stem(grounding.with_coordinates(image))
+    pooled = feats.reshape(1, 3, 2, 4, 2, 4).mean(dim=(3, 5))  # 4x4 average pooling by hand
+    torch.testing.assert_close(dec(x, image), x + dec.skips[0](pooled))
+
+
+def test_each_distinct_text_is_encoded_once_and_the_cache_matches_the_vlm() -> None:
+    gen = _generator()
+    calls: list[list[str]] = []
+    encode = gen.vlm.encode_text
+
+    def counting(texts, momentum=False):  # type: ignore[no-untyped-def]
+        calls.append(list(texts))
+        return encode(texts, momentum)
+
+    gen.vlm.encode_text = counting  # type: ignore[method-assign]
+    images = torch.rand(4, 3, 32, 32)
+    gen(images, [TEXTS[0], TEXTS[1], TEXTS[0], TEXTS[1]])
+    gen(images, [TEXTS[1], TEXTS[2], TEXTS[2], TEXTS[0]])
+    assert calls == [[TEXTS[0], TEXTS[1]], [TEXTS[2]]]
+    direct = F.normalize(encode(TEXTS[:3])["global"].float(), dim=-1)
+    torch.testing.assert_close(gen.text_embeddings(TEXTS[:3]), direct)
+    gen.to("cpu")  # moving the generator clears the cache
+    gen(images, TEXTS)
+    assert calls[-1] == TEXTS
+
+
+def test_with_coordinates_appends_row_and_column_in_minus_one_to_one() -> None:
+    out = grounding.with_coordinates(torch.zeros(2, 3, 3, 5))
+    assert out.shape == (2, 5, 3, 5)
+    torch.testing.assert_close(out[1, 3, :, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(out[0, 4, 2], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))

@@ -42,8 +42,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for method in ("supervised", "mt", "dusss"):
         args = ["train", "--data", "data/manifest.csv", "--splits", "splits.json", "--out", method, "--method", method,
                 "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--width", "4", "--quiet"]
-        if method == "dusss":
-            args += ["--vlm", "vlm/vlm.safetensors"]
+        if method == "dusss":  # with the text-mask warm-up and an image-skip f_g (textmap must rebuild it)
+            (root / "dusss.yaml").write_text("semi: {text_warmup_steps: 3, text_mask: {skip_channels: 4}}\n")
+            args += ["--vlm", "vlm/vlm.safetensors", "--config", "dusss.yaml"]
         dusss(*args, cwd=root)
     return root
 
@@ -72,6 +73,8 @@ def test_train_runs_write_models_metrics_and_pseudo_label_dice(chain: Path) -> N
     for key in ("pseudo/teacher_dice", "pseudo/text_dice", "pseudo/merged_dice"):
         assert 0.0 <= dusss_row[key] <= 1.0
     assert (chain / "dusss" / "text_mask.safetensors").is_file()
+    first = json.loads((chain / "dusss" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= first["warmup/text_reliability"] <= 1.0 and first["warmup/seconds"] > 0
 
 
 def test_evaluate_writes_metrics_and_per_image_rows(chain: Path) -> None:

@@ -221,3 +221,17 @@ def caption_mask(mask: np.ndarray, style: str = "qata", min_area: int = 1) -> st
     if style == "generic":
         return _generic(regions, m.shape[0], m.shape[1])
     raise ValueError(f"unknown caption style {style!r} (use one of {', '.join(CAPTION_STYLES)})")
+
+
+def sub_report(mask: np.ndarray, keep: np.ndarray, style: str = "qata") -> tuple[str, np.ndarray]:
+    """The report of a subset of the mask's lesions and the mask of that subset.
+
+    `keep[i]` says whether connected region i (in `label_components` order) stays; regions beyond `len(keep)`
+    are dropped. Keeping none gives the lesion-free report ("No pulmonary infection." for qata) and an empty
+    mask. Used to teach a text-mask generator that the report chooses which lesions light up.
+    """
+    m = np.asarray(mask) >= 0.5
+    labels, n = label_components(m)
+    kept = np.flatnonzero(np.asarray(keep, dtype=bool)[:n]) + 1
+    sub = np.isin(labels, kept)
+    return caption_mask(sub.astype(np.uint8), style), sub

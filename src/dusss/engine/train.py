@@ -6,6 +6,7 @@ early-stops, checkpoints and logs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -231,11 +232,9 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     dist.broadcast_tensors(params)  # text-mask decoder and friends: rank 0's initial weights everywhere
     compile_inplace(student, cfg.compile)  # after the EMA teacher's deep copy; state-dict keys unchanged
     scaler = make_grad_scaler(cfg.precision, device)
-    # No weight decay on scalars, biases and norm parameters (gates, kappa/beta, temperatures).
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ], lr=cfg.lr)
+    # No weight decay on scalars, biases and norm parameters (gates, kappa/beta, temperatures); the text-mask
+    # generator at its own learning rate where one is set.
+    optimizer = torch.optim.AdamW(method.param_groups(cfg.lr, cfg.weight_decay), lr=cfg.lr)
 
     # Everything above only reads: a bad input fails before the run folder is created or touched.
     run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="train",
@@ -263,6 +262,9 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
                    "threshold": cfg.threshold, "input": "RGB float in [0,1], resized to image_size (bilinear)",
                    "output": "logits [B,1,H,W]; probability = sigmoid(logits); mask = probability >= threshold"}
     t_run = time.time()
+    warmup_logs: dict[str, float] = {}
+    if start_epoch == 0 and step == 0 and cfg.semi.text_warmup_steps and hasattr(method, "warmup"):
+        warmup_logs = _warmup_text_mask(method, lab_ds, lab_sampler, rbs_l, cfg, device)
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
             break
@@ -306,6 +308,8 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
         row["seconds_per_epoch"] = seconds
         row["images_per_s"] = micro_per_epoch * (bs_l + (bs_u if uses_unlabeled else 0)) / max(seconds, 1e-9)
         row["lr"] = optimizer.param_groups[0]["lr"]
+        if epoch == 0 and warmup_logs:
+            row.update({f"warmup/{k}": v for k, v in warmup_logs.items()})
         if dist.is_main():
             val = validate(student, val_loader, device, cfg.precision, cfg.threshold)
             row.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
@@ -347,6 +351,28 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     if dist.is_main():
         (run / "DONE").write_text(f"{time.time() - t_run:.1f}\n")
     return run
+
+
+WARMUP_EPOCH_OFFSET = 10**6  # sampler/augmentation epochs of the text-mask warm-up
+
+
+def _warmup_text_mask(method: Any, lab_ds: SegmentationDataset, sampler: EpochSampler, batch_size: int,
+                      cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """`semi.text_warmup_steps` steps fitting the text-mask generator on the labeled images before Step 2,
+    over passes of the labeled sampler at epochs 10⁶ + 1, 10⁶ + 2, ... (apart from the training epochs)."""
+
+    def batches() -> Any:
+        for k in itertools.count(1):
+            sampler.set_epoch(WARMUP_EPOCH_OFFSET + k)
+            lab_ds.set_epoch(WARMUP_EPOCH_OFFSET + k)
+            for batch in DataLoader(lab_ds, batch_size=batch_size, sampler=list(sampler), num_workers=cfg.num_workers):
+                yield to_device(batch, device, ())
+
+    t0 = time.time()
+    logs = method.warmup(batches(), cfg.semi.text_warmup_steps, cfg.lr, cfg.weight_decay,
+                         sync=lambda ps: dist.sync_gradients(ps, average=True))
+    logs["seconds"] = time.time() - t0
+    return logs
 
 
 def _save_text_mask(method: Any, run: Path, cfg: TrainConfig) -> None:

@@ -12,8 +12,10 @@ around the frozen VLM. The training loop only calls `parameters()`, `loss(...)`,
   CutMix) and a feature-perturbed weak view: L_sup + λ(t)·(¼ℓ(s1) + ¼ℓ(s2) + ½ℓ(fp)) ... see the class.
 * `dusss` / `amvlm` (identical Step 2; AMVLM differs only in the VLM): L_sup + λ(t)·L_semi (eqs 14-18, logit-space
   merge, targets detached, so no gradient from L_semi reaches the teacher, f_g or κ/β) + tg_weight·L_tg (eq 12,
-  trains f_g, κ_m, β_m and the L_tg scale only) + text_supervised_weight·BCE(z_text, y) on the labeled images
-  (trains f_g and κ, β: "trained with L_tg and with the labeled masks").
+  trains f_g, κ_m, β_m and the L_tg scale only) + text_supervised_weight·ℓ_text(z_text, y) on the labeled images
+  (trains f_g and κ, β: "trained with L_tg and with the labeled masks"; ℓ_text = Dice + BCE by default). The
+  text-mask generator can have its own learning rate (`text_mask_lr`) and be fitted on the labeled images before
+  Step 2 (`text_warmup_steps`, `DuSSSMethod.warmup`).
 
 λ(t) = consistency_weight · exp(−5(1 − min(t/T_r, 1))²), T_r = rampup_fraction · total_steps (0 → constant).
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,7 +45,7 @@ from torch import nn
 
 from dusss.config import check
 from dusss.errors import CheckpointError, ConfigError
-from dusss.losses.segmentation import consistency_loss, merge_logits, seg_loss, semi_loss, soft_bce
+from dusss.losses.segmentation import consistency_loss, merge_logits, seg_loss, semi_loss
 from dusss.methods.perturb import Mix, PerturbConfig, pseudo_targets, strong_view, teacher_view
 from dusss.models.batchnorm import frozen_running_stats
 from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
@@ -74,19 +76,36 @@ class SegMethodConfig:
     rampup_fraction: float = 0.4  # T_r as a fraction of all optimizer steps; 0 = no ramp-up (the code)
     ema_decay: float = 0.99  # α of eq 13 (warm-up min(1 − 1/(t+1), α))
     ema_buffers: Literal["copy", "ema"] = "ema"  # BN running stats EMA-averaged with the weights, or copied
+    # How the EMA teacher's BatchNorm normalises: with each batch's own statistics (SSL4MIS, the DuSSS code) or
+    # with its running statistics (eval mode; the teacher then lags badly: docs/method-notes.md)
+    teacher_norm: Literal["batch", "running"] = "batch"
     seg_loss: Literal["dice_bce", "bce"] = "dice_bce"  # L_sup (eq 15)
     semi_loss: Literal["bce", "dice_bce"] = "bce"  # ℓ of eqs 16-17
     consistency: Literal["bce", "mse", "dice_bce"] = "mse"  # mt/unimatch ℓ on unlabeled images (MT: MSE)
     student_forward: Literal["separate", "joint"] = "separate"  # labeled/unlabeled in two passes or one batch
     text_term: bool = True  # eq 17 (L_semi^text); False → L_semi = L_semi^merged
     merge: Literal["logit", "prob"] = "logit"  # "prob" = repro of the code's probability-space merge (S3)
-    tg_weight: float = 1.0  # L_tg (eq 12)
-    text_supervised_weight: float = 1.0  # BCE(z_text, y) on labeled images
+    # L_tg (eq 12). 0 by default: beside the supervised text term it keeps the text mask empty (weight 1: text
+    # Dice 0.12 = no lesion found; 0.1: 0.08-0.33; 0: 0.38-0.43 on the phantom set, docs/benchmarks.md).
+    tg_weight: float = 0.0
+    text_supervised_weight: float = 1.0  # ℓ(z_text, y) on labeled images
+    # ℓ of the supervised text term: Dice + BCE survives the class imbalance (BCE alone fits an empty mask)
+    text_supervised_loss: Literal["dice_bce", "bce"] = "dice_bce"
+    text_mask_lr: float = 1e-2  # learning rate of f_g, κ, β, κ_m, β_m and the L_tg scale; 0 = the run's lr
+    # Optimizer steps fitting the text-mask generator on the labeled images (ℓ_text + L_tg) before Step 2,
+    # so that the text gate can open from the start; 0 = none (the paper).
+    text_warmup_steps: int = 300
+    # Share of the labeled images whose supervised text term uses a *sub-report*: the report (`caption_mask`,
+    # QaTa style) of a random subset of their lesions, each kept with probability ½, against the mask of that
+    # subset (no lesion kept: "No pulmonary infection." and an empty mask). It teaches the generator that the
+    # report chooses where the mask lights up. Only for reports in the style `caption_mask` writes (the phantom
+    # set, QaTa); 0 = off (the paper).
+    text_sub_reports: float = 0.0
     # Text gate: the text mask enters L_semi (merge + eq 17) only once its running Dice on the labeled images
     # reaches this value; before that L_semi^merged uses the teacher alone. 0 = always on (the paper).
     text_gate_dice: float = 0.3
     text_gate_momentum: float = 0.9  # EMA of the text mask's Dice on labeled batches
-    text_mask: TextMaskConfig = field(default_factory=TextMaskConfig)
+    text_mask: TextMaskConfig = field(default_factory=lambda: TextMaskConfig(skip_channels=16))
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
     def __post_init__(self) -> None:
@@ -94,6 +113,8 @@ class SegMethodConfig:
         check(0 <= self.rampup_fraction <= 1, f"rampup_fraction must be in [0, 1], got {self.rampup_fraction}")
         check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check(self.ema_buffers in ("copy", "ema"), f"ema_buffers must be copy or ema, got {self.ema_buffers!r}")
+        check(self.teacher_norm in ("batch", "running"),
+              f"teacher_norm must be batch or running, got {self.teacher_norm!r}")
         check(self.seg_loss in ("dice_bce", "bce"), f"seg_loss must be dice_bce or bce, got {self.seg_loss!r}")
         check(self.semi_loss in ("dice_bce", "bce"), f"semi_loss must be dice_bce or bce, got {self.semi_loss!r}")
         check(self.consistency in ("bce", "mse", "dice_bce"),
@@ -108,11 +129,17 @@ class SegMethodConfig:
             self.text_supervised_weight >= 0,
             f"text_supervised_weight must be >= 0, got {self.text_supervised_weight}",
         )
+        check(self.text_supervised_loss in ("dice_bce", "bce"),
+              f"text_supervised_loss must be dice_bce or bce, got {self.text_supervised_loss!r}")
+        check(self.text_mask_lr >= 0, f"text_mask_lr must be >= 0 (0 = the run's lr), got {self.text_mask_lr}")
+        check(self.text_warmup_steps >= 0, f"text_warmup_steps must be >= 0, got {self.text_warmup_steps}")
+        check(0 <= self.text_sub_reports <= 1, f"text_sub_reports must be in [0, 1], got {self.text_sub_reports}")
         check(0 <= self.text_gate_dice <= 1, f"text_gate_dice must be in [0, 1], got {self.text_gate_dice}")
         check(0 <= self.text_gate_momentum < 1, f"text_gate_momentum must be in [0, 1), got {self.text_gate_momentum}")
 
 
 SEG_METHODS: dict[str, type[SegMethod]] = {}
+MAX_SUB_REPORT_REGIONS = 64  # keep/drop draws per image for `text_sub_reports` (regions beyond are dropped)
 
 
 def register_seg_method(name: str) -> Callable[[type[SegMethod]], type[SegMethod]]:
@@ -179,6 +206,21 @@ class SegMethod:
                 seen.add(id(p))
                 out.append(p)
         return out
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices/filters only (none on scalars, biases, norms); the text-mask
+        generator's parameters at `text_mask_lr` when it is set. Each group stores its `base_lr`."""
+        text_ids = {id(p) for p in self.text_mask.trainable_parameters()} if self.text_mask is not None else set()
+        groups: list[dict[str, Any]] = []
+        for is_text in (False, True):
+            group_lr = self.cfg.text_mask_lr if is_text and self.cfg.text_mask_lr > 0 else lr
+            params = [p for p in self.parameters() if (id(p) in text_ids) == is_text]
+            for decay in (True, False):
+                chosen = [p for p in params if (p.ndim >= 2) == decay]
+                if chosen:
+                    groups.append({"params": chosen, "weight_decay": weight_decay if decay else 0.0,
+                                   "lr": group_lr, "base_lr": group_lr})
+        return groups
 
     def train(self, mode: bool = True) -> SegMethod:
         """Student and f_g in train mode; the teacher and the VLM always stay in eval mode."""
@@ -353,7 +395,7 @@ class MeanTeacherMethod(SegMethod):
 
     def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
         super().__init__(cfg, student, vlm)
-        self.teacher = EMATeacher(unwrap(student), cfg.ema_decay, cfg.ema_buffers)
+        self.teacher = EMATeacher(unwrap(student), cfg.ema_decay, cfg.ema_buffers, cfg.teacher_norm)
 
     def loss(
         self,
@@ -461,6 +503,69 @@ class DuSSSMethod(MeanTeacherMethod):
         self.text_mask = TextMaskGenerator(vlm, cfg.text_mask).to(self.device)
         self.text_reliability = torch.zeros(())  # running Dice of the text mask on labeled images
 
+    def _sub_reports(self, texts: list[str], y: torch.Tensor, has: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """(texts, masks) of the labeled images with a `text_sub_reports` share of them replaced by the report
+        and mask of a random subset of their lesions (drawn from torch's RNG, so a seeded run repeats)."""
+        p = self.cfg.text_sub_reports
+        if p <= 0:
+            return texts, y
+        from dusss.data.caption import sub_report
+
+        texts, y = list(texts), y.clone()
+        chosen = (torch.rand(len(texts)) < p).tolist()
+        for i in range(len(texts)):
+            if chosen[i] and bool(has[i]):
+                keep = (torch.rand(MAX_SUB_REPORT_REGIONS) < 0.5).numpy()
+                texts[i], sub = sub_report(y[i, 0].detach().cpu().numpy(), keep)
+                y[i, 0] = torch.from_numpy(sub).to(y.dtype)
+        return texts, y
+
+    def _text_supervised(self, z_text: torch.Tensor, y: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+        """ℓ_text(z_text, y) over the images with a mask (`text_supervised_loss`); updates the running Dice of
+        the text mask on them (the text gate's reliability)."""
+        from dusss.metrics import dice_score
+
+        loss = _masked_mean(seg_loss(z_text, y, self.cfg.text_supervised_loss, reduction="none"), has)
+        if bool(has.any()):
+            batch_dice = dice_score(torch.sigmoid(z_text.detach()[has]).cpu(), y[has].cpu(),
+                                    empty_policy="one").nanmean()
+            m = self.cfg.text_gate_momentum
+            self.text_reliability = m * self.text_reliability + (1 - m) * batch_dice.float()
+        return loss
+
+    def warmup(self, batches: Iterator[dict[str, Any]], steps: int, lr: float, weight_decay: float,
+               sync: Callable[[list[nn.Parameter]], None] | None = None) -> dict[str, float]:
+        """Fit the text-mask generator alone on `steps` labeled batches (ℓ_text + tg_weight·L_tg, AdamW at
+        `text_mask_lr` or `lr`) before Step 2; `sync` averages gradients over processes. Returns the last
+        losses and the text reliability."""
+        assert self.text_mask is not None
+        cfg = self.cfg
+        params = self.text_mask.trainable_parameters()
+        group_lr = cfg.text_mask_lr if cfg.text_mask_lr > 0 else lr
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=group_lr)
+        self.text_mask.train()
+        logs: dict[str, torch.Tensor | float] = {}
+        for _ in range(steps):
+            x, y, has, texts = self._unpack(next(batches))
+            if y is None or not bool(has.any()):
+                continue
+            texts, y = self._sub_reports(texts, y, has)
+            out = self.text_mask(x, texts, with_tg=cfg.tg_weight > 0)
+            l_text = self._text_supervised(out["logits"], y, has)
+            loss = cfg.text_supervised_weight * l_text
+            logs = {"text_sup": l_text}
+            if out["loss_tg"] is not None:
+                loss = loss + cfg.tg_weight * out["loss_tg"]
+                logs["tg"] = out["loss_tg"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if sync is not None:
+                sync(params)
+            opt.step()
+        logs["text_reliability"] = self.text_reliability
+        return self._floats(logs)
+
     def text_gate_open(self) -> bool:
         """True when the text mask is trusted enough to shape the pseudo-labels (see `text_gate_dice`)."""
         return float(self.text_reliability) >= self.cfg.text_gate_dice
@@ -487,6 +592,8 @@ class DuSSSMethod(MeanTeacherMethod):
 
         # Text-mask generator on [labeled (for the supervised text term)] + [unlabeled (for L_semi)].
         use_l = cfg.text_supervised_weight > 0 and y_l is not None and bool(has_l.any())
+        if use_l:
+            t_l, y_text = self._sub_reports(t_l, y_l, has_l)
         gen_images = [x_l] if use_l else []
         gen_texts = list(t_l) if use_l else []
         if x_u is not None:
@@ -505,16 +612,9 @@ class DuSSSMethod(MeanTeacherMethod):
                 loss = loss + cfg.tg_weight * out["loss_tg"]
                 logs["tg"] = out["loss_tg"]
         if z_text_l is not None and y_l is not None:
-            l_text_sup = _masked_mean(soft_bce(z_text_l, y_l, reduction="none"), has_l)
+            l_text_sup = self._text_supervised(z_text_l, y_text, has_l)
             loss = loss + cfg.text_supervised_weight * l_text_sup
             logs["text_sup"] = l_text_sup
-            if bool(has_l.any()):
-                from dusss.metrics import dice_score
-
-                batch_dice = dice_score(torch.sigmoid(z_text_l.detach()[has_l]).cpu(), y_l[has_l].cpu(),
-                                        empty_policy="one").nanmean()
-                m = cfg.text_gate_momentum
-                self.text_reliability = m * self.text_reliability + (1 - m) * batch_dice.float()
         gate_open = self.text_gate_open()
         logs["text_reliability"] = self.text_reliability
         logs["text_gate"] = float(gate_open)

@@ -25,3 +25,20 @@ def frozen_running_stats(module: nn.Module, enabled: bool = True) -> Iterator[No
     finally:
         for m in tracking:
             m.track_running_stats = True
+
+
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Within the block, every BatchNorm layer of `module` normalises with the statistics of the batch it sees
+    and leaves its running mean / variance untouched, while the rest of the network (dropout) stays in
+    whatever mode it is in. The layers' previous modes are restored on exit."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in norms]
+    for m in norms:
+        m.train()
+    try:
+        with frozen_running_stats(module):
+            yield
+    finally:
+        for m, mode in zip(norms, modes):
+            m.train(mode)

@@ -2,6 +2,12 @@
 
 * `GroundingDecoder` f_g (eq 10): each layer is `x ← up×2_nearest(x); x ← x + tanh(g)·Conv3×3(ReLU(x))` with a
   scalar gate g initialised to 0, so at initialisation the decoder is pure nearest upsampling (14 → 28 → 56).
+  With `skip_channels > 0` (ours; 0 = the paper's f_g) a small trainable convolutional stem on the image adds
+  full-resolution image features at every resolution of the decoder, `x ← x + P_k(avgpool(stem([image, u, v])))`
+  (u, v: pixel coordinates),
+  with zero-initialised 1×1 projections P_k (so f_g is unchanged at initialisation): the VLM's patch grid
+  (4 × 4 for a 16-px ViT on 64-px images) is too coarse to outline lesions, and the stem lets f_g place the
+  boundary while the text still chooses which regions light up.
 * `TextMaskGenerator`: a frozen VLM (every parameter `requires_grad=False`, always in `eval()`, encoded under
   `torch.no_grad()`) plus the trainable f_g and scalars:
   - text logits z_text = κ·cos(v_f, t_f) + β (eq 11 read on logits; κ = 10, β = −2.5 at init, learnable), using
@@ -34,27 +40,63 @@ def _tg_loss(pooled: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> t
     return extended_infonce(pooled, text, scale)
 
 
-class GroundingDecoder(nn.Module):
-    """f_g (eq 10): `n_layers` × [nearest ×2 upsample, x + tanh(g)·Conv3×3(ReLU(x))]; identity upsampling at init."""
+def with_coordinates(image: torch.Tensor) -> torch.Tensor:
+    """`[B,C,H,W] -> [B,C+2,H,W]`: the image with each pixel's row and column coordinate in [-1, 1] appended."""
+    b, _, h, w = image.shape
+    rows = torch.linspace(-1.0, 1.0, h, device=image.device, dtype=image.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    cols = torch.linspace(-1.0, 1.0, w, device=image.device, dtype=image.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([image, rows, cols], dim=1)
 
-    def __init__(self, dim: int, n_layers: int = 2) -> None:
+
+class GroundingDecoder(nn.Module):
+    """f_g (eq 10): `n_layers` × [nearest ×2 upsample, x + tanh(g)·Conv3×3(ReLU(x))]; identity upsampling at init.
+
+    `skip_channels > 0` adds image features from a trainable stem (Conv3×3-ReLU-Conv3×3-ReLU at the image's
+    resolution, `skip_channels` wide, on RGB plus the pixel coordinates: `with_coordinates`), average-pooled to the grid and to every upsampled resolution and added
+    through zero-initialised 1×1 projections; `forward` then needs the image.
+    """
+
+    def __init__(self, dim: int, n_layers: int = 2, skip_channels: int = 0) -> None:
         super().__init__()
         check(dim >= 1, f"grounding decoder dim must be >= 1, got {dim}")
         check(n_layers >= 0, f"grounding decoder n_layers must be >= 0, got {n_layers}")
+        check(skip_channels >= 0, f"grounding decoder skip_channels must be >= 0, got {skip_channels}")
         self.dim = dim
         self.n_layers = n_layers
+        self.skip_channels = skip_channels
         self.convs = nn.ModuleList(nn.Conv2d(dim, dim, kernel_size=3, padding=1) for _ in range(n_layers))
         self.gates = nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in range(n_layers))
+        self.stem: nn.Module | None = None
+        self.skips = nn.ModuleList()
+        if skip_channels:
+            c = skip_channels
+            # RGB + the pixel's (row, column) in [-1, 1] (CoordConv): reports name lungs and zones, so the
+            # features the text is compared with must know where they are.
+            self.stem = nn.Sequential(nn.Conv2d(3 + 2, c, 3, padding=1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True))
+            for _ in range(n_layers + 1):  # the token grid and every upsampled resolution
+                proj = nn.Conv2d(c, dim, kernel_size=1)
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
+                self.skips.append(proj)
 
     @property
     def scale_factor(self) -> int:
         return 2**self.n_layers
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, dim, h, w] -> [B, dim, h·2^n, w·2^n]`."""
-        for conv, gate in zip(self.convs, self.gates):
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = x + torch.tanh(gate) * conv(F.relu(x))
+    def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, dim, h, w] -> [B, dim, h·2^n, w·2^n]`; `image` `[B,3,H,W]` is needed with skip features."""
+        feats = None
+        if self.stem is not None:
+            if image is None:
+                raise ValueError("this grounding decoder has image skip features: pass the image")
+            feats = self.stem(with_coordinates(image.to(x.dtype)))
+        for k in range(self.n_layers + 1):
+            if k:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                x = x + torch.tanh(self.gates[k - 1]) * self.convs[k - 1](F.relu(x))
+            if feats is not None:
+                x = x + self.skips[k](F.adaptive_avg_pool2d(feats, x.shape[-2:]))
         return x
 
 
@@ -63,6 +105,7 @@ class TextMaskConfig:
     """Text-mask generator settings (defaults: METHOD §2.5/§3.6 recommendations, TCL's Sim2Mask init)."""
 
     decoder_layers: int = 2
+    skip_channels: int = 0  # width of the image-skip stem of f_g (ours); 0 = the paper's f_g on VLM tokens only
     kappa_init: float = 10.0  # κ of z_text = κ·cos + β
     beta_init: float = -2.5  # β
     learnable: bool = True  # κ, β, κ_m, β_m learnable (else fixed buffers)
@@ -74,6 +117,7 @@ class TextMaskConfig:
 
     def __post_init__(self) -> None:
         check(self.decoder_layers >= 0, f"text_mask.decoder_layers must be >= 0, got {self.decoder_layers}")
+        check(self.skip_channels >= 0, f"text_mask.skip_channels must be >= 0, got {self.skip_channels}")
         check(self.kappa_init > 0, f"text_mask.kappa_init must be > 0, got {self.kappa_init}")
         check(self.pool_kappa_init > 0, f"text_mask.pool_kappa_init must be > 0, got {self.pool_kappa_init}")
         check(self.tg_scale_init > 0, f"text_mask.tg_scale_init must be > 0, got {self.tg_scale_init}")
@@ -108,7 +152,10 @@ class TextMaskGenerator(nn.Module):
         self.vlm.requires_grad_(False)
         self.vlm.eval()
         self.dim = _embed_dim(vlm)
-        self.decoder = GroundingDecoder(self.dim, self.cfg.decoder_layers)
+        self.decoder = GroundingDecoder(self.dim, self.cfg.decoder_layers, self.cfg.skip_channels)
+        # The VLM is frozen, so a text's embedding never changes: each distinct text is encoded once
+        # (a dataset has few distinct reports). Not part of the state dict.
+        self._text_cache: dict[str, torch.Tensor] = {}
         scalars = {
             "kappa": self.cfg.kappa_init,
             "beta": self.cfg.beta_init,
@@ -154,23 +201,37 @@ class TextMaskGenerator(nn.Module):
     def encode(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features v_f = normalize(f_g(patch tokens)) `[B,d,h',w']` and text embeddings t_f `[N,d]`.
 
-        The VLM runs frozen under `no_grad`; gradients reach f_g only.
+        The VLM runs frozen under `no_grad`; gradients reach f_g only. Text embeddings come from a cache
+        filled once per distinct text (`text_embeddings`).
         """
         if isinstance(texts, str):
             texts = [texts]
         self.vlm.eval()
         with torch.no_grad():
             img = self.vlm.encode_image(images)
-            txt = self.vlm.encode_text(list(texts))
         local = img["local"]
         h, w = img["grid"]
         b, n, d = local.shape
         if n != h * w:
             raise ValueError(f"VLM returned {n} local tokens for a {h}x{w} grid")
         patch = local.float().transpose(1, 2).reshape(b, d, h, w)
-        v = F.normalize(self.decoder(patch), dim=1)
-        t = F.normalize(txt["global"].float(), dim=-1)
-        return v, t
+        v = F.normalize(self.decoder(patch, images), dim=1)
+        return v, self.text_embeddings(list(texts)).to(v.device)
+
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """Normalised global text embeddings t_f `[N,d]` of the frozen VLM, each distinct text encoded once."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if new:
+            self.vlm.eval()
+            with torch.no_grad():
+                emb = F.normalize(self.vlm.encode_text(new)["global"].float(), dim=-1)
+            self._text_cache.update({t: e.detach() for t, e in zip(new, emb)})
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """`.to()` / `.cuda()` / `.half()` also move (by clearing) the text-embedding cache."""
+        self._text_cache = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def _to_logits(self, cos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         z = self.kappa * cos + self.beta

@@ -14,17 +14,23 @@ from dusss.engine.precision import resolve_device
 
 def load_text_mask_generator(vlm_path: str | Path, model_run: str | Path | None, device: torch.device):
     """A TextMaskGenerator over the VLM; with a `dusss train` run, its trained grounding decoder is loaded."""
+    from dusss.config import from_dict
     from dusss.engine.checkpoint import load_checkpoint
     from dusss.methods.segmentation import SegMethodConfig
-    from dusss.models.grounding import TextMaskGenerator
+    from dusss.models.grounding import TextMaskConfig, TextMaskGenerator
     from dusss.models.vlm import VisionLanguageModel
 
     vlm = VisionLanguageModel.from_checkpoint(vlm_path).to(device)
-    gen = TextMaskGenerator(vlm, SegMethodConfig().text_mask).to(device)
+    tensors, cfg = None, SegMethodConfig().text_mask
     if model_run is not None:
         path = Path(model_run)
         path = path / "text_mask.safetensors" if path.is_dir() else path
-        tensors, _ = load_checkpoint(path, "text_mask")
+        tensors, meta = load_checkpoint(path, "text_mask")
+        saved = (meta.get("text_mask") or {}).get("text_mask")  # the run's semi config holds f_g's architecture
+        if isinstance(saved, dict):
+            cfg = from_dict(TextMaskConfig, saved)
+    gen = TextMaskGenerator(vlm, cfg).to(device)
+    if tensors is not None:
         gen.load_trainable_state_dict(tensors)
     return gen.eval()
 

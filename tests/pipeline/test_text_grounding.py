@@ -1,0 +1,75 @@
+"""The text branch localises: on held-out phantoms, the text-guided mask finds the lesions and follows the report.
+
+A VLM (random ViT, MiniLM frozen with a trainable head) is pre-trained briefly (DuSSS objective) on the
+phantom training images and QaTa-style reports, frozen, and the default text-mask generator is fitted on the
+training masks by `DuSSSMethod.warmup` (as `dusss train` does before Step 2). On the test split (images it
+never saw), `dusss.engine.text_eval.text_mask_scores` must show that the mask under the image's own report
+overlaps the lesions (Dice; the unfitted generator's mask is empty) and that inside the lesions the own report
+gives a clearly higher probability than "No pulmonary infection.".
+
+Not asserted: that the report *chooses between lesions* (own report vs the mirrored mask's report, which names
+the other lung). Measured here +0.01 and +0.04 on benchmarks/text_mask.py's set: the mask follows appearance,
+and the report switches it on or off, but does not yet steer it between lungs (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from dusss.data.datasets import SegmentationDataset
+    from dusss.data.manifest import read_manifest
+    from dusss.data.synth import generate_phantoms
+    from dusss.engine.pretrain import PretrainConfig, run_pretrain
+    from dusss.engine.samplers import EpochSampler
+    from dusss.engine.text_eval import text_mask_scores
+    from dusss.methods.segmentation import SegMethodConfig, build_seg_method
+    from dusss.models.unet import UNet, UNetConfig
+    from dusss.models.vlm import VisionLanguageModel, VLMConfig
+
+    root: Path = tmp_path_factory.mktemp("grounding")
+    manifest = generate_phantoms(root / "data", n=80, size=SIZE, seed=7)  # a seed no benchmark uses
+    vlm_cfg = VLMConfig()
+    vlm_cfg.image.image_size = SIZE
+    vlm_cfg.text.trainable_layers = 0  # MiniLM frozen, its projection head trains: a third of the time
+    run_pretrain(PretrainConfig(data=str(manifest), out=str(root / "vlm"), epochs=4, batch_size=16, image_size=SIZE,
+                                lr=3e-4, seed=0, progress=False, vlm=vlm_cfg), overwrite=True)
+    records = read_manifest(manifest)
+    train = [r for r in records if r.split == "train"]
+    torch.manual_seed(0)
+    method = build_seg_method("dusss", SegMethodConfig(), UNet(UNetConfig(base_width=4)),
+                              VisionLanguageModel.from_checkpoint(root / "vlm" / "vlm.safetensors"))
+    ds = SegmentationDataset(train, SIZE, augment=True, seed=0)
+    sampler = EpochSampler(len(ds), seed=0)
+
+    def batches():  # type: ignore[no-untyped-def]
+        for epoch in itertools.count():
+            ds.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            yield from DataLoader(ds, batch_size=8, sampler=list(sampler))
+
+    before = text_mask_scores(method.text_mask, [r for r in records if r.split == "test"], SIZE)
+    method.warmup(batches(), 200, lr=1e-3, weight_decay=1e-4)
+    after = text_mask_scores(method.text_mask, [r for r in records if r.split == "test"], SIZE)
+    return {"before": before, "after": after}
+
+
+def test_text_mask_finds_the_lesions_on_held_out_images(fitted: dict) -> None:
+    before, after = fitted["before"], fitted["after"]
+    print("text mask before/after fitting:", before, after)
+    assert before["dice"] < 0.1  # the unfitted generator's mask is empty (β = −2.5)
+    assert after["n"] >= 10 and after["dice"] >= 0.25, after
+
+
+def test_the_own_report_lights_the_lesions_and_no_infection_does_not(fitted: dict) -> None:
+    after = fitted["after"]
+    assert after["own_vs_none"] >= 0.1, after
