@@ -47,6 +47,8 @@ def _batch(n: int, seed: int, labeled: bool) -> dict:
 
 
 def _build(name: str, **cfg) -> tuple:
+    if "text_gate_dice" in cfg:  # tests that set the Dice threshold use the Dice gate
+        cfg.setdefault("text_gate", "dice")
     torch.manual_seed(0)
     student = UNet(UNetConfig(base_width=8))
     vlm = BagOfWordsVLM()
@@ -184,7 +186,7 @@ def test_state_dict_round_trip_restores_teacher_and_generator() -> None:
     with torch.no_grad():
         method.text_mask.decoder.gates[0].fill_(0.3)
     state = method.state_dict()
-    assert state and all(k.startswith(("teacher.", "text_mask.")) or k == "text_reliability" for k in state)
+    assert state and all(k.startswith(("teacher.", "text_mask.")) or k in ("text_reliability", "text_gain") for k in state)
     assert not any(k.startswith("text_mask.vlm.") for k in state)
     torch.manual_seed(1)
     other = build_seg_method("dusss", SegMethodConfig(), UNet(UNetConfig(base_width=8)), vlm)
@@ -445,7 +447,8 @@ def test_sub_reports_swap_in_the_report_and_mask_of_a_subset_of_the_lesions() ->
     batch = _batch(16, 0, True)  # one square lesion per image
     method, _, _ = _build("dusss", text_sub_reports=1.0)
     torch.manual_seed(3)
-    texts, y = method._sub_reports(batch["text"], batch["mask"], batch["has_mask"])
+    texts, y, replaced = method._sub_reports(batch["text"], batch["mask"], batch["has_mask"])
+    assert bool(replaced.all())
     dropped = 0
     for text, sub, full in zip(texts, y, batch["mask"]):
         if sub.sum() == 0:
@@ -455,5 +458,30 @@ def test_sub_reports_swap_in_the_report_and_mask_of_a_subset_of_the_lesions() ->
             assert torch.equal(sub, full) and text == caption_mask(full[0].numpy().astype("uint8"))
     assert 3 <= dropped <= 13  # each lesion kept with probability 1/2
     off, _, _ = _build("dusss")
-    same_texts, same_y = off._sub_reports(batch["text"], batch["mask"], batch["has_mask"])
+    same_texts, same_y, none = off._sub_reports(batch["text"], batch["mask"], batch["has_mask"])
+    assert not bool(none.any())
     assert same_texts == batch["text"] and torch.equal(same_y, batch["mask"])
+
+
+
+def test_gain_gate_opens_only_while_the_merge_beats_the_teacher_on_labeled_images() -> None:
+    method, _, _ = _build("dusss", rampup_fraction=0.0)
+    assert method.cfg.text_gate == "gain" and not method.text_gate_open()
+    x, y = torch.rand(2, 3, S, S), torch.zeros(2, 1, S, S)
+    y[:, :, 4:12, 4:12] = 1.0
+    teacher = method.teacher
+    with torch.no_grad():  # a teacher that says "lesion" everywhere
+        teacher.module.outc.weight.zero_()
+        teacher.module.outc.bias.fill_(3.0)
+    use = torch.ones(2, dtype=torch.bool)
+    text = torch.full_like(y, -20.0)
+    text[y > 0] = 20.0  # a perfect text mask: the merge removes the teacher's false positives
+    method._update_text_gain(x, text, y, use)
+    # Dice(teacher) = 2·64/(1024 + 64), Dice(merged) = 1: gain (1 − 128/1088), one EMA step from 0 at 0.9
+    assert float(method.text_gain) == pytest.approx(0.1 * (1 - 128 / 1088), abs=1e-6)
+    assert method.text_gate_open()
+    for _ in range(30):  # an empty text mask vetoes the teacher everywhere: negative gain closes the gate
+        method._update_text_gain(x, torch.full_like(y, -20.0), y, use)
+    assert float(method.text_gain) < 0 and not method.text_gate_open()
+    state = method.state_dict()
+    assert state["text_gain"].item() == pytest.approx(float(method.text_gain))

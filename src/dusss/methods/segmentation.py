@@ -104,7 +104,13 @@ class SegMethodConfig:
     # Text gate: the text mask enters L_semi (merge + eq 17) only once its running Dice on the labeled images
     # reaches this value; before that L_semi^merged uses the teacher alone. 0 = always on (the paper).
     text_gate_dice: float = 0.3
-    text_gate_momentum: float = 0.9  # EMA of the text mask's Dice on labeled batches
+    text_gate_momentum: float = 0.9  # EMA of the gate's measurements on labeled batches
+    # What opens the text gate. "gain" (default): the merged label's Dice on the labeled images (teacher on the
+    # weak view + text mask, own reports) beats the teacher's own, as a running mean over batches (> 0); the
+    # text mask then only enters the pseudo-label while it measurably repairs it. "dice": the text mask's own
+    # running Dice reaches `text_gate_dice` (the earlier rule; it let a text mask of Dice 0.55 veto a teacher of
+    # 0.78: merged 0.67, docs/method-notes.md).
+    text_gate: Literal["gain", "dice"] = "gain"
     text_mask: TextMaskConfig = field(default_factory=lambda: TextMaskConfig(skip_channels=16))
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
@@ -135,6 +141,7 @@ class SegMethodConfig:
         check(self.text_warmup_steps >= 0, f"text_warmup_steps must be >= 0, got {self.text_warmup_steps}")
         check(0 <= self.text_sub_reports <= 1, f"text_sub_reports must be in [0, 1], got {self.text_sub_reports}")
         check(0 <= self.text_gate_dice <= 1, f"text_gate_dice must be in [0, 1], got {self.text_gate_dice}")
+        check(self.text_gate in ("gain", "dice"), f"text_gate must be gain or dice, got {self.text_gate!r}")
         check(0 <= self.text_gate_momentum < 1, f"text_gate_momentum must be in [0, 1), got {self.text_gate_momentum}")
 
 
@@ -254,8 +261,9 @@ class SegMethod:
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.text_mask is not None:
             state.update({f"text_mask.{k}": v for k, v in self.text_mask.trainable_state_dict().items()})
-        if hasattr(self, "text_reliability"):
-            state["text_reliability"] = self.text_reliability.detach().clone().reshape(1)
+        for name in ("text_reliability", "text_gain"):
+            if hasattr(self, name):
+                state[name] = getattr(self, name).detach().clone().reshape(1)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -270,8 +278,9 @@ class SegMethod:
                 f"{len(unexpected)} unexpected, {len(shape)} with another shape"
                 + (f" (e.g. {(missing + unexpected + shape)[0]})" if missing or unexpected or shape else "")
             )
-        if "text_reliability" in state:
-            self.text_reliability = state["text_reliability"].reshape(()).clone()
+        for name in ("text_reliability", "text_gain"):
+            if name in state:
+                setattr(self, name, state[name].reshape(()).clone())
         if self.teacher is not None:
             self.teacher.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("teacher.")})
         if self.text_mask is not None:
@@ -502,13 +511,16 @@ class DuSSSMethod(MeanTeacherMethod):
         super().__init__(cfg, student, vlm)
         self.text_mask = TextMaskGenerator(vlm, cfg.text_mask).to(self.device)
         self.text_reliability = torch.zeros(())  # running Dice of the text mask on labeled images
+        self.text_gain = torch.zeros(())  # running Dice(merged) − Dice(teacher) on labeled images
 
-    def _sub_reports(self, texts: list[str], y: torch.Tensor, has: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-        """(texts, masks) of the labeled images with a `text_sub_reports` share of them replaced by the report
-        and mask of a random subset of their lesions (drawn from torch's RNG, so a seeded run repeats)."""
+    def _sub_reports(self, texts: list[str], y: torch.Tensor,
+                     has: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(texts, masks, replaced) of the labeled images with a `text_sub_reports` share of them replaced by the
+        report and mask of a random subset of their lesions (drawn from torch's RNG, so a seeded run repeats)."""
+        replaced = torch.zeros(len(texts), dtype=torch.bool, device=y.device)
         p = self.cfg.text_sub_reports
         if p <= 0:
-            return texts, y
+            return texts, y, replaced
         from dusss.data.caption import sub_report
 
         texts, y = list(texts), y.clone()
@@ -518,7 +530,8 @@ class DuSSSMethod(MeanTeacherMethod):
                 keep = (torch.rand(MAX_SUB_REPORT_REGIONS) < 0.5).numpy()
                 texts[i], sub = sub_report(y[i, 0].detach().cpu().numpy(), keep)
                 y[i, 0] = torch.from_numpy(sub).to(y.dtype)
-        return texts, y
+                replaced[i] = True
+        return texts, y, replaced
 
     def _text_supervised(self, z_text: torch.Tensor, y: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
         """ℓ_text(z_text, y) over the images with a mask (`text_supervised_loss`); updates the running Dice of
@@ -550,7 +563,7 @@ class DuSSSMethod(MeanTeacherMethod):
             x, y, has, texts = self._unpack(next(batches))
             if y is None or not bool(has.any()):
                 continue
-            texts, y = self._sub_reports(texts, y, has)
+            texts, y, _ = self._sub_reports(texts, y, has)
             out = self.text_mask(x, texts, with_tg=cfg.tg_weight > 0)
             l_text = self._text_supervised(out["logits"], y, has)
             loss = cfg.text_supervised_weight * l_text
@@ -567,8 +580,26 @@ class DuSSSMethod(MeanTeacherMethod):
         return self._floats(logs)
 
     def text_gate_open(self) -> bool:
-        """True when the text mask is trusted enough to shape the pseudo-labels (see `text_gate_dice`)."""
+        """True when the text mask is trusted to shape the pseudo-labels (`text_gate`: a positive running
+        merge gain on labeled images, or a running text Dice of at least `text_gate_dice`)."""
+        if self.cfg.text_gate == "gain":
+            return float(self.text_gain) > 0.0
         return float(self.text_reliability) >= self.cfg.text_gate_dice
+
+    @torch.no_grad()
+    def _update_text_gain(self, x: torch.Tensor, z_text: torch.Tensor, y: torch.Tensor, use: torch.Tensor) -> None:
+        """Running mean of Dice(merged) − Dice(teacher) over the labeled images `use` (own reports, masks)."""
+        if not bool(use.any()):
+            return
+        from dusss.metrics import dice_score
+
+        z_t = self._teacher_logits(x[use])
+        merged = merge_logits(z_t, z_text.detach()[use].to(z_t.dtype), self.cfg.merge)
+        target = y[use].cpu()
+        gain = (dice_score(torch.sigmoid(merged.float()).cpu(), target, empty_policy="one")
+                - dice_score(torch.sigmoid(z_t.float()).cpu(), target, empty_policy="one")).mean()
+        m = self.cfg.text_gate_momentum
+        self.text_gain = m * self.text_gain + (1 - m) * gain.float()
 
     def loss(
         self,
@@ -593,7 +624,7 @@ class DuSSSMethod(MeanTeacherMethod):
         # Text-mask generator on [labeled (for the supervised text term)] + [unlabeled (for L_semi)].
         use_l = cfg.text_supervised_weight > 0 and y_l is not None and bool(has_l.any())
         if use_l:
-            t_l, y_text = self._sub_reports(t_l, y_l, has_l)
+            t_l, y_text, replaced = self._sub_reports(t_l, y_l, has_l)
         gen_images = [x_l] if use_l else []
         gen_texts = list(t_l) if use_l else []
         if x_u is not None:
@@ -615,8 +646,11 @@ class DuSSSMethod(MeanTeacherMethod):
             l_text_sup = self._text_supervised(z_text_l, y_text, has_l)
             loss = loss + cfg.text_supervised_weight * l_text_sup
             logs["text_sup"] = l_text_sup
+            if cfg.text_gate == "gain":
+                self._update_text_gain(x_l, z_text_l, y_l, has_l & ~replaced)
         gate_open = self.text_gate_open()
         logs["text_reliability"] = self.text_reliability
+        logs["text_gain"] = self.text_gain
         logs["text_gate"] = float(gate_open)
         if z_u is not None and z_text_u is not None and x_u is not None:
             z_t = self._teacher_logits(x_u)
