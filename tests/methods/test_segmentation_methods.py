@@ -396,7 +396,7 @@ def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
 def test_text_supervised_term_is_dice_bce_by_default_and_bce_on_request() -> None:
     lab, unl = _batch(4, 0, True), _batch(4, 1, False)
     for kind in ("dice_bce", "bce"):
-        method, _, _ = _build("dusss", text_supervised_loss=kind, tg_weight=0.0)
+        method, _, _ = _build("dusss", text_supervised_loss=kind, tg_weight=0.0, text_gate_holdout=0.0)
         _, logs = method.loss(lab, unl, 0, 10)
         method.text_mask.eval()
         with torch.no_grad():
@@ -485,3 +485,22 @@ def test_gain_gate_opens_only_while_the_merge_beats_the_teacher_on_labeled_image
     assert float(method.text_gain) < 0 and not method.text_gate_open()
     state = method.state_dict()
     assert state["text_gain"].item() == pytest.approx(float(method.text_gain))
+
+
+def test_gate_holdout_is_a_fixed_share_of_keys_left_out_of_the_text_term() -> None:
+    import zlib
+
+    batch = _batch(16, 0, True)
+    method, _, _ = _build("dusss", text_gate_holdout=0.5, rampup_fraction=0.0)
+    held = method._gate_holdout(batch, 16)
+    expected = [zlib.crc32(k.encode()) % 1000 < 500 for k in batch["key"]]
+    assert held.tolist() == expected and 0 < sum(expected) < 16
+    assert not method._gate_holdout(batch, 16).logical_xor(held).any()  # the same images every time
+    assert not _build("dusss", text_gate_dice=0.3)[0]._gate_holdout(batch, 16).any()  # Dice gate: none
+    # the supervised text term sees only the other images: it equals the masked mean over them
+    _, logs = method.loss(batch, None, 0, 10)
+    method.text_mask.eval()
+    with torch.no_grad():
+        z = method.text_mask(batch["image"], batch["text"], with_tg=False)["logits"]
+    per_image = seg_loss(z, batch["mask"], "dice_bce", reduction="none")
+    assert logs["text_sup"] == pytest.approx(float(per_image[~held].mean()), abs=1e-5)

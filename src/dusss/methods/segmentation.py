@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -111,6 +112,10 @@ class SegMethodConfig:
     # running Dice reaches `text_gate_dice` (the earlier rule; it let a text mask of Dice 0.55 veto a teacher of
     # 0.78: merged 0.67, docs/method-notes.md).
     text_gate: Literal["gain", "dice"] = "gain"
+    # With the gain gate: the share of the labeled images (chosen by a hash of their key) that the text-mask
+    # generator never trains on, so that the gain is measured on images it has not fitted (on its own training
+    # images it looked better than on unseen ones and kept the gate open while the merge hurt).
+    text_gate_holdout: float = 0.25
     text_mask: TextMaskConfig = field(default_factory=lambda: TextMaskConfig(skip_channels=16))
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
@@ -142,6 +147,7 @@ class SegMethodConfig:
         check(0 <= self.text_sub_reports <= 1, f"text_sub_reports must be in [0, 1], got {self.text_sub_reports}")
         check(0 <= self.text_gate_dice <= 1, f"text_gate_dice must be in [0, 1], got {self.text_gate_dice}")
         check(self.text_gate in ("gain", "dice"), f"text_gate must be gain or dice, got {self.text_gate!r}")
+        check(0 <= self.text_gate_holdout < 1, f"text_gate_holdout must be in [0, 1), got {self.text_gate_holdout}")
         check(0 <= self.text_gate_momentum < 1, f"text_gate_momentum must be in [0, 1), got {self.text_gate_momentum}")
 
 
@@ -513,6 +519,17 @@ class DuSSSMethod(MeanTeacherMethod):
         self.text_reliability = torch.zeros(())  # running Dice of the text mask on labeled images
         self.text_gain = torch.zeros(())  # running Dice(merged) − Dice(teacher) on labeled images
 
+    def _gate_holdout(self, batch: dict[str, Any], n: int) -> torch.Tensor:
+        """`[n]` bool: the labeled images the text-mask generator does not train on (`text_gate_holdout` of the
+        keys by CRC32, the same images in every epoch and process); none unless the gain gate is used."""
+        share = self.cfg.text_gate_holdout if self.cfg.text_gate == "gain" else 0.0
+        keys = batch.get("key")
+        if share <= 0 or keys is None:
+            return torch.zeros(n, dtype=torch.bool, device=self.device)
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        held = [zlib.crc32(str(k).encode()) % 1000 < share * 1000 for k in keys]
+        return torch.tensor(held, dtype=torch.bool, device=self.device)
+
     def _sub_reports(self, texts: list[str], y: torch.Tensor,
                      has: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(texts, masks, replaced) of the labeled images with a `text_sub_reports` share of them replaced by the
@@ -560,7 +577,9 @@ class DuSSSMethod(MeanTeacherMethod):
         self.text_mask.train()
         logs: dict[str, torch.Tensor | float] = {}
         for _ in range(steps):
-            x, y, has, texts = self._unpack(next(batches))
+            batch = next(batches)
+            x, y, has, texts = self._unpack(batch)
+            has = has & ~self._gate_holdout(batch, len(texts))
             if y is None or not bool(has.any()):
                 continue
             texts, y, _ = self._sub_reports(texts, y, has)
@@ -624,7 +643,8 @@ class DuSSSMethod(MeanTeacherMethod):
         # Text-mask generator on [labeled (for the supervised text term)] + [unlabeled (for L_semi)].
         use_l = cfg.text_supervised_weight > 0 and y_l is not None and bool(has_l.any())
         if use_l:
-            t_l, y_text, replaced = self._sub_reports(t_l, y_l, has_l)
+            held = self._gate_holdout(labeled, len(t_l))
+            t_l, y_text, replaced = self._sub_reports(t_l, y_l, has_l & ~held)
         gen_images = [x_l] if use_l else []
         gen_texts = list(t_l) if use_l else []
         if x_u is not None:
@@ -643,11 +663,12 @@ class DuSSSMethod(MeanTeacherMethod):
                 loss = loss + cfg.tg_weight * out["loss_tg"]
                 logs["tg"] = out["loss_tg"]
         if z_text_l is not None and y_l is not None:
-            l_text_sup = self._text_supervised(z_text_l, y_text, has_l)
+            l_text_sup = self._text_supervised(z_text_l, y_text, has_l & ~held)
             loss = loss + cfg.text_supervised_weight * l_text_sup
             logs["text_sup"] = l_text_sup
-            if cfg.text_gate == "gain":
-                self._update_text_gain(x_l, z_text_l, y_l, has_l & ~replaced)
+            if cfg.text_gate == "gain":  # on the held-out labeled images (all of them if none is held out)
+                gate_rows = has_l & held if cfg.text_gate_holdout > 0 else has_l & ~replaced
+                self._update_text_gain(x_l, z_text_l, y_l, gate_rows)
         gate_open = self.text_gate_open()
         logs["text_reliability"] = self.text_reliability
         logs["text_gain"] = self.text_gain
