@@ -73,9 +73,10 @@ COMMON = textwrap.dedent('''
 
     def train_config(data, splits, out, vlm):
         from dusss.models.unet import UNetConfig
+        from dusss.methods.segmentation import SegMethodConfig
         return TrainConfig(data=str(data), splits=str(splits), out=str(out), method="dusss", vlm=str(vlm),
                            epochs=2, batch_size=4, image_size=32, device="cpu", progress=False, threads=1,
-                           unet=UNetConfig(base_width=4))
+                           unet=UNetConfig(base_width=4), semi=SegMethodConfig(text_warmup_steps=4))
 ''')
 
 WORKER = COMMON + textwrap.dedent('''
@@ -290,7 +291,7 @@ def test_two_process_segmentation_training(two_ranks: Path) -> None:
     # 7 labeled / 7 unlabeled rows, global batch 4 -> 2 optimizer steps per epoch, whatever the world size
     assert [row["epoch"] for row in rows] == [1, 2] and [row["step"] for row in rows] == [2, 4]
     for row in rows:
-        for key in ("train/loss", "train/sup", "train/tg", "images_per_s"):
+        for key in ("train/loss", "train/sup", "train/text_sup", "images_per_s"):
             assert math.isfinite(row[key]) and row[key] >= 0, key
         assert 0.0 <= row["val/dice"] <= 1.0
     assert meta["epoch"] == 2
