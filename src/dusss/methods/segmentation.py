@@ -173,6 +173,17 @@ def consistency_lambda(cfg: SegMethodConfig, step: int, total_steps: int) -> flo
     return cfg.consistency_weight * sigmoid_rampup(step, cfg.rampup_fraction * max(total_steps, 0))
 
 
+def _decay_groups(params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups of `params` at `lr` (stored as `base_lr` too): weight decay on matrices / filters only,
+    none on scalars, biases and norms; empty groups left out."""
+    groups = []
+    for decay in (True, False):
+        chosen = [p for p in params if (p.ndim >= 2) == decay]
+        if chosen:
+            groups.append({"params": chosen, "weight_decay": weight_decay if decay else 0.0, "lr": lr, "base_lr": lr})
+    return groups
+
+
 def _masked_mean(per_image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean of per-image losses over images with weight 1 (0 with an intact graph if there are none)."""
     w = weights.to(per_image.dtype)
@@ -224,16 +235,13 @@ class SegMethod:
         """AdamW groups: weight decay on matrices/filters only (none on scalars, biases, norms); the text-mask
         generator's parameters at `text_mask_lr` when it is set. Each group stores its `base_lr`."""
         text_ids = {id(p) for p in self.text_mask.trainable_parameters()} if self.text_mask is not None else set()
-        groups: list[dict[str, Any]] = []
-        for is_text in (False, True):
-            group_lr = self.cfg.text_mask_lr if is_text and self.cfg.text_mask_lr > 0 else lr
-            params = [p for p in self.parameters() if (id(p) in text_ids) == is_text]
-            for decay in (True, False):
-                chosen = [p for p in params if (p.ndim >= 2) == decay]
-                if chosen:
-                    groups.append({"params": chosen, "weight_decay": weight_decay if decay else 0.0,
-                                   "lr": group_lr, "base_lr": group_lr})
-        return groups
+        params = self.parameters()
+        return (_decay_groups([p for p in params if id(p) not in text_ids], lr, weight_decay)
+                + _decay_groups([p for p in params if id(p) in text_ids], self._text_lr(lr), weight_decay))
+
+    def _text_lr(self, lr: float) -> float:
+        """The text-mask generator's learning rate: `text_mask_lr`, or the run's `lr` when that is 0."""
+        return self.cfg.text_mask_lr if self.cfg.text_mask_lr > 0 else lr
 
     def train(self, mode: bool = True) -> SegMethod:
         """Student and f_g in train mode; the teacher and the VLM always stay in eval mode."""
@@ -571,9 +579,7 @@ class DuSSSMethod(MeanTeacherMethod):
         assert self.text_mask is not None
         cfg = self.cfg
         params = self.text_mask.trainable_parameters()
-        group_lr = cfg.text_mask_lr if cfg.text_mask_lr > 0 else lr
-        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=group_lr)
+        opt = torch.optim.AdamW(_decay_groups(params, self._text_lr(lr), weight_decay), lr=self._text_lr(lr))
         self.text_mask.train()
         logs: dict[str, torch.Tensor | float] = {}
         for _ in range(steps):
