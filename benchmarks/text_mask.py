@@ -73,18 +73,12 @@ def pretrain_vlm(name: str, manifest: Path, threads: int) -> Path:
 def _batches(records: list[Any], batch_size: int, seed: int) -> Any:
     import itertools
 
-    from torch.utils.data import DataLoader
-
     from dusss.data.datasets import SegmentationDataset
-    from dusss.engine.samplers import EpochSampler
+    from dusss.engine.samplers import EpochSampler, epoch_batches
 
     ds = SegmentationDataset(records, IMAGE_SIZE, augment=True, seed=seed)
     ds.preload()
-    sampler = EpochSampler(len(ds), seed=seed, shuffle=True)
-    for epoch in itertools.count():
-        ds.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        yield from DataLoader(ds, batch_size=batch_size, sampler=list(sampler))
+    return epoch_batches(ds, EpochSampler(len(ds), seed=seed, shuffle=True), batch_size, itertools.count())
 
 
 def run_cell(vlm_name: str, gen_name: str, steps: int, threads: int, seed: int = 0) -> dict[str, Any]:

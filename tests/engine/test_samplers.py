@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dusss.engine.samplers import EpochSampler, cycle_to_length
 from dusss.errors import TrainingError
@@ -68,3 +69,27 @@ def test_cycle_to_length() -> None:
     unl = list(EpochSampler(9, seed=1, rank=0, world_size=1))
     lab = cycle_to_length(list(EpochSampler(2, seed=0, rank=0, world_size=1)), len(unl))
     assert len(list(zip(lab, unl))) == 9
+
+
+def test_epoch_batches_walks_each_epochs_permutation_and_sets_the_dataset_epoch() -> None:
+    from dusss.engine.samplers import EpochSampler, epoch_batches, epoch_permutation
+
+    class Seen(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> int:
+            return i
+
+    ds = Seen()
+    batches = list(epoch_batches(ds, EpochSampler(6, seed=3), 4, [7, 9]))
+    assert ds.epochs == [7, 9]
+    order = torch.cat(batches).tolist()
+    expected = [*epoch_permutation(6, 3, 7).tolist(), *epoch_permutation(6, 3, 9).tolist()]
+    assert order == expected and [len(b) for b in batches] == [4, 2, 4, 2]

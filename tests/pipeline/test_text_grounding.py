@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 SIZE = 64
 
@@ -30,7 +29,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from dusss.data.manifest import read_manifest
     from dusss.data.synth import generate_phantoms
     from dusss.engine.pretrain import PretrainConfig, run_pretrain
-    from dusss.engine.samplers import EpochSampler
+    from dusss.engine.samplers import EpochSampler, epoch_batches
     from dusss.engine.text_eval import text_mask_scores
     from dusss.methods.segmentation import SegMethodConfig, build_seg_method
     from dusss.models.unet import UNet, UNetConfig
@@ -49,16 +48,9 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     method = build_seg_method("dusss", SegMethodConfig(), UNet(UNetConfig(base_width=4)),
                               VisionLanguageModel.from_checkpoint(root / "vlm" / "vlm.safetensors"))
     ds = SegmentationDataset(train, SIZE, augment=True, seed=0)
-    sampler = EpochSampler(len(ds), seed=0)
-
-    def batches():  # type: ignore[no-untyped-def]
-        for epoch in itertools.count():
-            ds.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            yield from DataLoader(ds, batch_size=8, sampler=list(sampler))
-
+    batches = epoch_batches(ds, EpochSampler(len(ds), seed=0), 8, itertools.count())
     before = text_mask_scores(method.text_mask, [r for r in records if r.split == "test"], SIZE)
-    method.warmup(batches(), 300, lr=1e-3, weight_decay=1e-4)
+    method.warmup(batches, 300, lr=1e-3, weight_decay=1e-4)
     after = text_mask_scores(method.text_mask, [r for r in records if r.split == "test"], SIZE)
     return {"before": before, "after": after}
 

@@ -12,10 +12,11 @@ reshuffles at every pass instead of repeating the same order).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dusss.engine import distributed
 from dusss.errors import TrainingError
@@ -112,3 +113,14 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.share_size() if self.length is None else self.length
+
+
+def epoch_batches(dataset: Dataset, sampler: EpochSampler, batch_size: int, epochs: Iterable[int],
+                  num_workers: int = 0) -> Iterator[Any]:
+    """Batches over successive passes: for each epoch of `epochs`, the sampler's permutation and the dataset's
+    augmentation stream of that epoch (`set_epoch` on both when the dataset has it), then its batches."""
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yield from DataLoader(dataset, batch_size=batch_size, sampler=list(sampler), num_workers=num_workers)

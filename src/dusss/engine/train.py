@@ -33,7 +33,7 @@ from dusss.engine.precision import (
     set_threads,
 )
 from dusss.engine.runs import check_run_dir, copy_split, prepare_run_dir
-from dusss.engine.samplers import EpochSampler
+from dusss.engine.samplers import EpochSampler, epoch_batches
 from dusss.engine.seed import rng_state, seed_everything, set_rng_state
 from dusss.engine.state import (
     cosine_lr,
@@ -361,15 +361,10 @@ def _warmup_text_mask(method: Any, lab_ds: SegmentationDataset, sampler: EpochSa
     """`semi.text_warmup_steps` steps fitting the text-mask generator on the labeled images before Step 2,
     over passes of the labeled sampler at epochs 10⁶ + 1, 10⁶ + 2, ... (apart from the training epochs)."""
 
-    def batches() -> Any:
-        for k in itertools.count(1):
-            sampler.set_epoch(WARMUP_EPOCH_OFFSET + k)
-            lab_ds.set_epoch(WARMUP_EPOCH_OFFSET + k)
-            for batch in DataLoader(lab_ds, batch_size=batch_size, sampler=list(sampler), num_workers=cfg.num_workers):
-                yield to_device(batch, device, ())
-
+    passes = epoch_batches(lab_ds, sampler, batch_size, itertools.count(WARMUP_EPOCH_OFFSET + 1), cfg.num_workers)
+    batches = (to_device(batch, device, ()) for batch in passes)
     t0 = time.time()
-    logs = method.warmup(batches(), cfg.semi.text_warmup_steps, cfg.lr, cfg.weight_decay,
+    logs = method.warmup(batches, cfg.semi.text_warmup_steps, cfg.lr, cfg.weight_decay,
                          sync=lambda ps: dist.sync_gradients(ps, average=True))
     logs["seconds"] = time.time() - t0
     return logs
