@@ -102,8 +102,9 @@ class SegMethodConfig:
     # report chooses where the mask lights up. Only for reports in the style `caption_mask` writes (the phantom
     # set, QaTa); 0 = off (the paper).
     text_sub_reports: float = 0.0
-    # Text gate: the text mask enters L_semi (merge + eq 17) only once its running Dice on the labeled images
-    # reaches this value; before that L_semi^merged uses the teacher alone. 0 = always on (the paper).
+    # With `text_gate: dice` only: the text mask enters L_semi (merge + eq 17) once its running Dice on the
+    # labeled images reaches this value; before that L_semi^merged uses the teacher alone. 0 = always on (the
+    # paper).
     text_gate_dice: float = 0.3
     text_gate_momentum: float = 0.9  # EMA of the gate's measurements on labeled batches
     # What opens the text gate. "gain" (default): the merged label's Dice on the labeled images (teacher on the
