@@ -19,7 +19,7 @@ Steps (a thin script over the library):
    paper's Table 1, the pseudo-label Dice (teacher / text / merged, best epoch) of the dusss runs on the
    unlabeled training images, the VLM's val retrieval, and wall time per run.
 
-Resumable: a run folder with a DONE file (and eval/metrics.json) is not re-run; an interrupted run resumes
+Resumable: a run folder with a DONE file (and bench.json) is not re-run; an interrupted run resumes
 from its state.safetensors. Runs live in benchmarks/.runs/ (git-ignored).
 """
 
@@ -103,7 +103,7 @@ def prepare_data(src: Path, size: int) -> Path:
         return manifest
     t = time.time()
     imported = CACHE / "monuseg_lvit_import"
-    report = import_lvit(src, imported)
+    report = import_lvit(src, imported, overwrite=True)  # the cache's own import (a size change redoes it)
     problems = report.images_without_text + report.images_without_mask + report.texts_without_image
     if problems:
         raise SystemExit(f"{src}: import found unmatched files: {problems[:5]}")
@@ -197,7 +197,7 @@ def train_one(manifest: Path, method: str, fraction: float, seed: int, size: Siz
         log(f"train {run.name}{' (resume)' if resume else ''}")
         run_train(cfg, overwrite=not resume, resume=resume)
     train_s = float(done.read_text().split()[0])
-    ev = evaluate_run(run, manifest, split="test", device=device)
+    ev = evaluate_run(run, manifest, split="test", device=device, overwrite=True)  # re-scored on every call
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     result = {"method": method, "fraction": fraction, "seed": seed, "run": str(run.relative_to(ROOT)),
               "test_dice": ev["dice"], "test_miou": ev["iou"], "test_hd95": ev.get("hd95"),

@@ -16,6 +16,8 @@ from typing import Any
 from dusss.engine.checkpoint import atomic_write_text
 
 DEMO_METHODS = ("supervised", "mt", "dusss")
+# What a demo writes into its folder: only a folder holding nothing else is replaced by `overwrite`.
+DEMO_ENTRIES = frozenset({"data", "splits.json", "vlm", *DEMO_METHODS, "report.html", "summary.json"})
 # Demo-only Step-2 settings on top of each method's preset (dotted TrainConfig keys).
 # dusss: a faster EMA teacher (0.95) than the paper-scale 0.99, whose teacher still lags ~100 of the 192 steps
 # (its pseudo-label Dice was 0.03 at 0.99 in the demo); 100 text-mask warm-up steps instead of 300 (time).
@@ -87,6 +89,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     t0 = time.time()
     out = Path(out)
     if out.exists() and overwrite:
+        _check_demo_folder(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     size = QUICK if quick else FULL
@@ -118,6 +121,18 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(format_table(summary))
     return summary
+
+
+def _check_demo_folder(out: Path) -> None:
+    """DusssError unless `out` is a folder holding only what a demo writes (so replacing it loses nothing else)."""
+    from dusss.errors import DusssError
+
+    if not out.is_dir():
+        raise DusssError(f"{out}: exists and is not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+    if foreign:
+        raise DusssError(f"{out}: is not a dusss demo folder (it holds {foreign[0]!r}); "
+                         "choose another --out, the demo replaces its folder")
 
 
 def _last_pseudo_label_dice(metrics_jsonl: Path) -> dict[str, float]:

@@ -1,7 +1,11 @@
-"""User-facing errors: one line, naming the file and the problem; the CLI prints them without a traceback."""
+"""User-facing errors: one line, naming the file and the problem; the CLI prints them without a traceback.
+
+`notify` prints the one-line warnings a user should see (a stale lock taken over, leftovers removed).
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -28,3 +32,8 @@ class CheckpointError(DusssError):
 
 class TrainingError(DusssError):
     """Training cannot continue (NaN/inf loss, empty split, ...)."""
+
+
+def notify(message: str) -> None:
+    """Print `warning: <message>` on one line of stderr (for the user; not a Python warning)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """Every command with bad input, through the real console script: a non-zero exit, a last stderr line that
 names the problem (`error: ...`, or click's `Error: ...` for a usage error), no traceback, and nothing
-written where the command would have written.
+written where the command would have written. A few `OK` cases pin inputs that used to be misread or to fail
+late and are now processed: they exit 0, print the fragment, and write the path given.
 
 `data verify` is a report: it lists every problem it finds (one per line) and ends with
 `N problem(s) in MANIFEST`; that format is pinned by tests/cli/test_data_cli.py.
@@ -31,11 +32,11 @@ from dusss.engine.checkpoint import save_checkpoint
 from dusss.engine.runs import prepare_run_dir
 from dusss.models.unet import UNet, UNetConfig
 
-ERROR, USAGE, REPORT = "error", "usage", "report"
+ERROR, USAGE, REPORT, OK = "error", "usage", "report", "ok"
 SMALL = ["--width", "4", "--image-size", "32", "--device", "cpu", "--quiet", "--epochs", "1"]
 
-# id: (argv with {placeholders}, what the output must be, fragment of the last line (or of the report),
-#      a path that must not exist afterwards or None)
+# id: (argv with {placeholders}, what the output must be, fragment of the last line (or of the report, or of
+#      stdout for OK), a path that must not exist afterwards (for OK: that must exist) or None)
 CASES: dict[str, tuple[list[str], str, str, str | None]] = {
     # data synth
     "synth/n-too-small": (["data", "synth", "{tmp}/s", "--n", "2"], ERROR, "--n must be an integer >= 3", "{tmp}/s"),
@@ -120,7 +121,53 @@ CASES: dict[str, tuple[list[str], str, str, str | None]] = {
                          "{tmp}/m.onnx"),
     # anything
     "dusss/unknown-command": (["segment", "x.png"], USAGE, "No such command 'segment'", None),
+    # issue 17, class 4: labels read wrongly without an error
+    "caption/lesion-only-in-alpha": (["data", "caption", "{alpha_mask}"], OK, "{alpha_caption}", None),
+    "caption/ambiguous-rgba-mask": (["data", "caption", "{ambiguous_mask}"], ERROR,
+                                    "{ambiguous_mask}: ambiguous mask", None),
+    "verify/patient-leakage": (["data", "verify", "{leak}"], REPORT,
+                               "{leak}: case '{leak_case}' has rows in train (row 2) and test", None),
+    "split/patient-leakage": (["data", "split", "{leak}", "--labeled", "0.5", "--out", "{tmp}/s.json"], ERROR,
+                              "{leak}: case '{leak_case}' has rows in train (row 2) and test", "{tmp}/s.json"),
+    # class 5: weights that are not safetensors
+    "pretrain/image-encoder-pickle-only": (["pretrain", "--data", "{manifest}", "--out", "{tmp}/r", "--image-encoder",
+                                            "{bin_vit}", "--batch-size", "4", *SMALL[2:]], ERROR,
+                                           "{bin_vit}: no *.safetensors weights (found only pytorch_model.bin)",
+                                           "{tmp}/r"),
+    "pretrain/text-encoder-pickle-only": (["pretrain", "--data", "{manifest}", "--out", "{tmp}/r", "--text-encoder",
+                                           "{bin_bert}", "--batch-size", "4", *SMALL[2:]], ERROR,
+                                          "{bin_bert}: no *.safetensors weights (found only pytorch_model.bin)",
+                                          "{tmp}/r"),
+    # class 6: unbounded inputs
+    "caption/png-declaring-20000x20000": (["data", "caption", "{bomb_png}"], ERROR,
+                                          "{bomb_png}: image declares 400000000 pixels, over the limit of", None),
+    "predict/nifti-declaring-20000x20000": (["predict", "{bomb_nii}", "--model", "{seg}", "--out", "{tmp}/p"], ERROR,
+                                            "{bomb_nii}: image declares 20000x20000 = 400000000 pixels", "{tmp}/p"),
+    "train/image-size-100000": (["train", "--data", "{manifest}", "--splits", "{split}", "--out", "{tmp}/r",
+                                 "--method", "supervised", *SMALL[:2], "--image-size", "100000", *SMALL[4:]], ERROR,
+                                "config.image_size must be in [32, 4096], got 100000", "{tmp}/r"),
+    # class 7: options checked late or not at all
+    "train/num-workers-negative": (["train", "--data", "{manifest}", "--splits", "{split}", "--out", "{tmp}/r",
+                                    "--method", "supervised", *SMALL, "--num-workers", "-1"], ERROR,
+                                   "config.num_workers must be in [0, 256], got -1", "{tmp}/r"),
+    "train/seed-negative": (["train", "--data", "{manifest}", "--splits", "{split}", "--out", "{tmp}/r",
+                             "--method", "supervised", *SMALL, "--seed", "-5"], ERROR,
+                            "config.seed must be in [0, 2147483647], got -5", "{tmp}/r"),
+    "train/lr-inf": (["train", "--data", "{manifest}", "--splits", "{split}", "--out", "{tmp}/r",
+                      "--method", "supervised", *SMALL, "--lr", "inf"], ERROR,
+                     "config.lr must be a finite number in (0, 10], got inf", "{tmp}/r"),
+    "train/yaml-weight-decay-negative": (["train", "--data", "{manifest}", "--splits", "{split}", "--out", "{tmp}/r",
+                                          "--method", "supervised", *SMALL, "--config", "{yaml_wd}"], ERROR,
+                                         "{yaml_wd}: config.weight_decay must be in [0, 1], got -1.0", "{tmp}/r"),
+    "pretrain/yaml-warmup-fraction-5": (["pretrain", "--data", "{manifest}", "--out", "{tmp}/r", "--random-init",
+                                         "--batch-size", "4", *SMALL[2:], "--config", "{yaml_warmup}"], ERROR,
+                                        "{yaml_warmup}: config.warmup_fraction must be in [0, 1], got 5.0", "{tmp}/r"),
+    # class 8: degenerate but valid inputs are processed
+    "predict/1x1-image": (["predict", "{one_px}", "--model", "{seg}", "--out", "{tmp}/p"], OK, "1 mask(s) written",
+                          "{tmp}/p/one_px_overlay.png"),
 }
+
+EXPECTED_CASES = 52  # the sweep's size, reported by test_the_sweep_reports_its_count
 
 
 def _dusss() -> list[str]:
@@ -167,6 +214,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, phantom_split, tiny_vlm_chec
     vlm = tiny_vlm_checkpoint(root / "vlm" / "vlm.safetensors")
 
     taken = prepare_run_dir(root / "taken", {"epochs": 1}, kind="train")
+    extra = _issue17_inputs(root, manifest)
     notlvit = root / "notlvit"
     notlvit.mkdir()
     (notlvit / "readme.txt").write_text("not a dataset")
@@ -176,8 +224,71 @@ def world(tmp_path_factory: pytest.TempPathFactory, phantom_split, tiny_vlm_chec
               "corrupt_split": corrupt_split, "nocol": nocol, "seg": seg, "rand": rand, "rand_side": rand_side,
               "vlm": vlm, "taken": taken, "notlvit": notlvit, "afile": afile,
               "image": manifest.parent / "images" / "phantom_0000.png",
-              "mask": manifest.parent / "masks" / "phantom_0000.png"}
+              "mask": manifest.parent / "masks" / "phantom_0000.png", **extra}
     return {k: str(v) for k, v in values.items()} | {"root": str(root)}
+
+
+def _issue17_inputs(root: Path, manifest: Path) -> dict[str, object]:
+    """Inputs of the issue-17 cases: masks with alpha, a leaking manifest, pickle-only HF folders, files whose
+    header declares 20000x20000 pixels (a few hundred bytes each), YAML configs out of range, a 1x1 image."""
+    import gzip
+    import shutil
+    import struct
+    import zlib
+
+    import nibabel as nib
+    from transformers import ViTConfig
+
+    from dusss.data.caption import caption_mask
+    from dusss.data.readers import read_mask
+    from dusss.models.text_encoders import TextEncoderConfig, model_folder
+
+    out: dict[str, object] = {}
+    lesion = next(m for m in (read_mask(p) for p in sorted((manifest.parent / "masks").glob("*.png"))) if m.any())
+    out["alpha_caption"] = caption_mask(lesion)
+    out["alpha_mask"] = _png(root / "alpha.png", np.dstack([np.zeros((*lesion.shape, 3)), lesion * 255]).astype(np.uint8))
+    shifted = np.roll(lesion, lesion.shape[1] // 2, axis=1)
+    out["ambiguous_mask"] = _png(root / "ambiguous.png", np.dstack([lesion, lesion, lesion, shifted]).astype(np.uint8) * 255)
+
+    rows = list(csv.reader(manifest.open()))
+    train = next(i for i, r in enumerate(rows) if i and r[3] == "train")
+    test = next(i for i, r in enumerate(rows) if i and r[3] == "test")
+    rows[1], rows[train] = rows[train], rows[1]  # the leaking train row is row 2
+    rows[test][4] = rows[1][4]
+    out["leak_case"] = rows[1][4]
+    out["leak"] = manifest.parent / "leak.csv"
+    with Path(out["leak"]).open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+    bin_vit = root / "bin_vit"
+    ViTConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=32).save_pretrained(bin_vit)
+    bin_bert = root / "bin_bert"
+    bin_bert.mkdir()
+    for f in model_folder(TextEncoderConfig()).iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, bin_bert / f.name)
+    for folder in (bin_vit, bin_bert):
+        (folder / "pytorch_model.bin").write_bytes(b"never unpickled")  # a pickle would run code on load
+    out["bin_vit"], out["bin_bert"] = bin_vit, bin_bert
+
+    png = bytearray(_png(root / "bomb.png", np.zeros((1, 1), np.uint8)).read_bytes())
+    struct.pack_into(">II", png, 16, 20000, 20000)  # IHDR width, height
+    struct.pack_into(">I", png, 29, zlib.crc32(bytes(png[12:29])))
+    (root / "bomb.png").write_bytes(bytes(png))
+    out["bomb_png"] = root / "bomb.png"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.uint8), np.eye(4)), str(root / "small.nii"))
+    nii = bytearray((root / "small.nii").read_bytes())
+    struct.pack_into("<8h", nii, 40, 2, 20000, 20000, 1, 1, 1, 1, 1)  # dim[0..7]
+    out["bomb_nii"] = root / "bomb.nii.gz"
+    Path(out["bomb_nii"]).write_bytes(gzip.compress(bytes(nii)))
+
+    out["yaml_wd"] = root / "wd.yaml"
+    Path(out["yaml_wd"]).write_text("weight_decay: -1\n")
+    out["yaml_warmup"] = root / "warmup.yaml"
+    Path(out["yaml_warmup"]).write_text("warmup_fraction: 5\n")
+    out["one_px"] = _png(root / "one_px.png", np.full((1, 1), 128, np.uint8))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +314,13 @@ def results(world: dict[str, str]) -> dict[str, tuple[int, str, str, float, dict
 def test_bad_input_gives_one_line_and_a_non_zero_exit(
     results: dict[str, tuple[int, str, str, float, dict[str, str]]], case: str
 ) -> None:
-    code, _, err, _, values = results[case]
+    code, out, err, _, values = results[case]
     _, kind, fragment, absent = CASES[case]
     fragment = fragment.format(**values)
+    if kind == OK:  # processed: exit 0, the fragment on stdout, the output written
+        assert code == 0 and fragment in out and "Traceback" not in err, (code, out, err)
+        assert absent is None or Path(absent.format(**values)).is_file()
+        return
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0 and lines, (code, err)
     assert "Traceback" not in err, err
@@ -221,3 +336,10 @@ def test_bad_input_gives_one_line_and_a_non_zero_exit(
         assert any(line.startswith(fragment) for line in lines[:-1]), (fragment, err)
     if absent is not None:
         assert not Path(absent.format(**values)).exists()
+
+
+def test_the_sweep_reports_its_count(capsys: pytest.CaptureFixture[str]) -> None:
+    kinds = {k: sum(1 for c in CASES.values() if c[1] == k) for k in (ERROR, USAGE, REPORT, OK)}
+    with capsys.disabled():
+        print(f"\nerror sweep: {len(CASES)} cases ({', '.join(f'{v} {k}' for k, v in kinds.items())})")
+    assert len(CASES) == EXPECTED_CASES

@@ -18,6 +18,18 @@ def write_png(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
+def write_png_declaring(path: Path, height: int, width: int) -> Path:
+    """A 1x1 PNG whose IHDR chunk claims `height` x `width` (a few dozen bytes: nothing big is allocated)."""
+    import struct
+    import zlib
+
+    data = bytearray(write_png(path, np.zeros((1, 1), np.uint8)).read_bytes())
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
 def box_mask(h: int, w: int, *boxes: tuple[int, int, int, int]) -> np.ndarray:
     """uint8 {0,1} mask with filled boxes (r0, r1, c0, c1), end-exclusive."""
     m = np.zeros((h, w), dtype=np.uint8)

@@ -138,3 +138,23 @@ def test_sub_report_describes_only_the_kept_lesions() -> None:
     assert sub_report(mask, np.ones(2, dtype=bool))[0] == caption_mask(mask)
     text, sub = sub_report(mask, np.zeros(5, dtype=bool))
     assert text == "No pulmonary infection." and not sub.any()
+
+
+def test_described_lesions_are_those_whose_lung_and_zones_the_report_names() -> None:
+    from dusss.data.caption import described_lesions
+
+    m = np.zeros((30, 30), np.uint8)
+    m[2:5, 2:5] = 1  # upper zone, image left = patient's right lung
+    m[22:26, 22:26] = 1  # lower zone, image right = patient's left lung
+    upper_left = np.zeros_like(m)
+    upper_left[1:4, 20:24] = 1
+    text, target = described_lesions(m, upper_left)  # names a zone where m has no lesion
+    assert text == "Unilateral pulmonary infection, one infected area, upper left lung." and not target.any()
+    lower_left = np.zeros_like(m)
+    lower_left[20:24, 24:27] = 1
+    text, target = described_lesions(m, lower_left)
+    assert text.endswith("lower left lung.") and np.array_equal(target, m.astype(bool) & (np.arange(30) >= 15))
+    text, target = described_lesions(m, m)  # its own report describes every lesion
+    assert text == caption_mask(m) and np.array_equal(target, m.astype(bool))
+    text, target = described_lesions(m, np.zeros_like(m))
+    assert text == "No pulmonary infection." and not target.any()

@@ -10,7 +10,7 @@ from dusss.data import readers
 from dusss.data.readers import read_image, read_mask, register_reader, split_path
 from dusss.errors import DataError
 
-from .builders import box_mask, write_png
+from .builders import box_mask, write_png, write_png_declaring
 
 
 def test_gray_png_is_repeated_to_rgb_and_scaled(tmp_path: Path) -> None:
@@ -173,3 +173,112 @@ def test_register_reader_adds_an_extension(tmp_path: Path) -> None:
         assert np.array_equal(read_mask(path), [[0, 1]])
     finally:
         readers._REGISTRY.pop(".npy", None)
+
+
+# --- masks with an alpha channel (issue 17, class 4) ---------------------------------------------------------
+
+
+def _rgba(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    return np.dstack([gray, gray, gray, alpha]).astype(np.uint8)
+
+
+def test_lesion_drawn_only_in_alpha_is_read_from_alpha(tmp_path: Path) -> None:
+    lesion = box_mask(6, 8, (1, 4, 2, 6))
+    rgba = write_png(tmp_path / "rgba.png", _rgba(np.zeros((6, 8)), lesion * 255))
+    assert np.array_equal(read_mask(rgba), lesion)  # it used to read as an empty mask
+    la = tmp_path / "la.png"
+    Image.fromarray(np.dstack([np.full((6, 8), 255), lesion * 255]).astype(np.uint8), mode="LA").save(la)
+    assert np.array_equal(read_mask(la), lesion)
+    red = np.zeros((6, 8, 4), np.uint8)
+    red[..., 0], red[..., 3] = 255, lesion * 255  # a uniform colour, the lesion in alpha
+    assert np.array_equal(read_mask(write_png(tmp_path / "red.png", red)), lesion)
+    blank = write_png(tmp_path / "blank.png", _rgba(np.full((6, 8), 255), np.zeros((6, 8))))  # transparent white
+    assert read_mask(blank).sum() == 0
+
+
+def test_gray_lesion_with_constant_or_matching_alpha_is_read_from_gray(tmp_path: Path) -> None:
+    lesion = box_mask(5, 5, (0, 2, 1, 4))
+    opaque = write_png(tmp_path / "opaque.png", _rgba(lesion * 255, np.full((5, 5), 255)))
+    assert np.array_equal(read_mask(opaque), lesion)
+    cut_out = write_png(tmp_path / "cut.png", _rgba(lesion * 255, lesion * 255))  # transparent background
+    assert np.array_equal(read_mask(cut_out), lesion)
+
+
+def test_gray_and_alpha_drawing_different_masks_is_refused(tmp_path: Path) -> None:
+    path = write_png(tmp_path / "both.png",
+                     _rgba(box_mask(5, 5, (0, 2, 0, 2)) * 255, box_mask(5, 5, (3, 5, 3, 5)) * 255))
+    with pytest.raises(DataError) as err:
+        read_mask(path)
+    assert str(err.value).startswith(f"{path}: ambiguous mask") and "\n" not in str(err.value)
+    soft = write_png(tmp_path / "soft.png", _rgba(np.zeros((2, 2)), np.array([[0, 128], [255, 0]])))
+    with pytest.raises(DataError, match=r"values \{0, 128, 255\} \(read from the alpha channel\)"):
+        read_mask(soft)
+
+
+def test_alpha_is_still_dropped_from_images(tmp_path: Path) -> None:
+    la = tmp_path / "la.png"
+    Image.fromarray(np.dstack([np.full((2, 2), 51), np.array([[0, 255], [255, 0]])]).astype(np.uint8),
+                    mode="LA").save(la)
+    np.testing.assert_allclose(read_image(la), np.full((2, 2, 3), 0.2), atol=1e-6)
+
+
+# --- the pixel limit, checked from the header before any pixel is decoded (issue 17, class 6) ----------------
+
+
+def _nifti_declaring(path: Path, height: int, width: int) -> Path:
+    """A 4x4 NIfTI whose header claims `height` x `width` (the data stays 16 bytes)."""
+    import gzip
+    import struct
+
+    nib = pytest.importorskip("nibabel")
+    small = path.with_name("small.nii")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.uint8), np.eye(4)), str(small))
+    data = bytearray(small.read_bytes())
+    struct.pack_into("<8h", data, 40, 2, height, width, 1, 1, 1, 1, 1)  # dim[0..7]
+    path.write_bytes(gzip.compress(bytes(data)) if path.name.endswith(".gz") else bytes(data))
+    return path
+
+
+def _dicom_declaring(path: Path, rows: int, columns: int) -> Path:
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.zeros(16, np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("name", ["bomb.png", "bomb.nii", "bomb.nii.gz", "bomb.dcm"])
+def test_a_header_declaring_too_many_pixels_is_refused_before_decoding(tmp_path: Path, name: str) -> None:
+    make = {".png": write_png_declaring, ".dcm": _dicom_declaring}.get(Path(name).suffix, _nifti_declaring)
+    path = make(tmp_path / name, 20000, 20000)
+    assert path.stat().st_size < 10_000
+    for fn in (read_image, read_mask):
+        with pytest.raises(DataError) as err:
+            fn(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: image declares ") and "400000000 pixels" in message, message
+        assert "over the limit of 89478485 pixels" in message and "\n" not in message
+
+
+def test_the_limit_is_pillows_and_applies_to_every_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15)
+    assert readers.max_pixels() == 15
+    png = write_png(tmp_path / "x.png", np.zeros((4, 4), np.uint8))
+    nii = _nifti_declaring(tmp_path / "x.nii", 4, 4)
+    for path in (png, nii, _dicom_declaring(tmp_path / "x.dcm", 4, 4)):
+        with pytest.raises(DataError, match=r"declares 4x4 = 16 pixels, over the limit of 15 pixels"):
+            read_image(path)
+    ok = write_png(tmp_path / "ok.png", np.zeros((3, 5), np.uint8))
+    assert read_image(ok).shape == (3, 5, 3)

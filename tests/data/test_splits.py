@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -107,3 +108,43 @@ def test_load_split_missing_and_invalid_json(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         load_split(bad, known_records())
+
+
+# --- one case, one side (issue 17, class 4: patient leakage) -------------------------------------------------
+
+
+def _leaking_records() -> list[Record]:
+    """known_records() with test row t1 re-assigned to train case p0 (rows numbered as in a file)."""
+    recs = [dataclasses.replace(r, row=i + 2) for i, r in enumerate(known_records())]
+    return [dataclasses.replace(r, case_id="p0") if r.key == "t1.png" else r for r in recs]
+
+
+def test_make_split_refuses_a_case_in_two_manifest_splits() -> None:
+    with pytest.raises(DataError) as err:
+        make_split(_leaking_records(), 0.5, seed=0, source="m.csv")
+    assert str(err.value) == ("m.csv: case 'p0' has rows in train (row 2) and test (row 20): one patient on two "
+                              "sides of the split leaks into the scores (give all rows of a case the same split)")
+
+
+def test_make_split_keeps_every_case_on_one_side() -> None:
+    recs = [_rec(f"c{c}_s{s}.png", "train", f"c{c}") for c in range(10) for s in range(3)]
+    recs += [_rec("v.png", "val", "v"), _rec("t.png", "test", "t")]
+    for seed in range(5):
+        split = make_split(recs, 0.3, seed=seed)
+        sides = {}
+        for name in ("labeled", "unlabeled"):
+            for key in split[name]:
+                sides.setdefault(key.split("_")[0], set()).add(name)
+        assert all(len(s) == 1 for s in sides.values()) and len(split["labeled"]) == 9
+
+
+def test_load_split_refuses_a_case_on_two_sides(tmp_path: Path) -> None:
+    recs = _leaking_records()
+    split = make_split(known_records(), 0.25, seed=0)
+    split["labeled"] = sorted({*split["labeled"], "p0_s0.png", "p0_s1.png"})
+    split["unlabeled"] = [k for k in split["unlabeled"] if not k.startswith("p0_")]
+    path = save_split(split, tmp_path / "splits.json")
+    with pytest.raises(DataError) as err:
+        load_split(path, recs)
+    assert str(err.value) == (f"{path}: case 'p0' is in both 'labeled' ('p0_s0.png') and 'test' ('t1.png'): one "
+                              "patient on two sides of the split leaks into the scores")

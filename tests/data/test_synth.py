@@ -129,3 +129,21 @@ def test_output_path_that_is_a_file(tmp_path: Path) -> None:
     f.write_text("x")
     with pytest.raises(DataError, match="not a folder"):
         generate_phantoms(f, n=3, size=32)
+
+
+def test_lung_zone_masks_are_the_report_zones_of_the_lungs(phantoms: tuple[Path, float]) -> None:
+    from dusss.data.synth import lung_zone_masks
+
+    zones = lung_zone_masks(128)
+    assert set(zones) == {(z, s) for z in ("upper", "middle", "lower") for s in ("left", "right")}
+    stacked = np.stack(list(zones.values())).astype(int)
+    assert stacked.sum(0).max() == 1  # disjoint
+    for (zone, side), m in zones.items():  # the report of a lesion filling a zone names that zone
+        assert caption_mask(m.astype(np.uint8)).endswith(f"one infected area, {zone} {side} lung.")
+    lungs = stacked.sum(0) > 0
+    manifest, _ = phantoms
+    inside = total = 0
+    for rec in read_manifest(manifest):
+        m = read_mask(rec.mask) >= 0.5
+        inside, total = inside + int((m & lungs).sum()), total + int(m.sum())
+    assert total > 0 and inside / total > 0.9  # the nominal lungs hold the (jittered) phantoms' lesions

@@ -8,7 +8,7 @@ import pytest
 
 from dusss.data.verify import format_summary, verify_manifest
 
-from .builders import box_mask, write_csv, write_png
+from .builders import box_mask, write_csv, write_png, write_png_declaring
 
 
 def test_valid_manifest_summary(tiny_manifest: Path) -> None:
@@ -74,6 +74,16 @@ def _break(kind: str, manifest: Path) -> tuple[str, str]:
     if kind == "bad-split":
         _rewrite(manifest, 1, split="training")
         return str(manifest), "row 3: split 'training' is not one of train, val, test"
+    if kind == "patient-leakage":
+        _rewrite(manifest, 4, case_id="a")
+        return str(manifest), "case 'a' has rows in train (row 2) and test (row 6): one patient on two sides"
+    if kind == "too-many-pixels":
+        write_png_declaring(root / "images/b.png", 20000, 20000)
+        return str(root / "images/b.png"), "image declares 400000000 pixels, over the limit of 89478485 pixels"
+    if kind == "ambiguous-rgba-mask":
+        lesion, other = box_mask(16, 16, (0, 4, 0, 4)), box_mask(16, 16, (8, 12, 8, 12))
+        write_png(root / "masks/b.png", np.dstack([lesion, lesion, lesion, other]).astype(np.uint8) * 255)
+        return str(root / "masks/b.png"), "ambiguous mask: its gray levels and its alpha channel both vary"
     if kind == "test-without-mask":
         _rewrite(manifest, 4, mask="")
         return str(manifest), "row 6: test rows need a mask"
@@ -94,6 +104,9 @@ BROKEN = [
     "unknown-extension",
     "bad-split",
     "test-without-mask",
+    "patient-leakage",
+    "too-many-pixels",
+    "ambiguous-rgba-mask",
 ]
 
 
@@ -121,3 +134,23 @@ def test_no_labeled_train_row(tmp_path: Path) -> None:
     )
     problems = verify_manifest(m).problems
     assert any("no train row has a mask" in p for p in problems)
+
+
+def test_each_leaking_case_is_one_line_naming_its_splits(tiny_manifest: Path) -> None:
+    _rewrite(tiny_manifest, 3, case_id="b")  # val row d
+    _rewrite(tiny_manifest, 4, case_id="b")  # test row e
+    _rewrite(tiny_manifest, 2, case_id="a")  # two train rows of one case: not a leak
+    problems = verify_manifest(tiny_manifest).problems
+    expected = (f"{tiny_manifest}: case 'b' has rows in train (row 3), val (row 5) and test (row 6): one patient "
+                "on two sides of the split leaks into the scores (give all rows of a case the same split)")
+    assert problems == [expected]
+
+
+def test_a_mask_drawn_in_alpha_verifies_with_its_lesion(tiny_manifest: Path) -> None:
+    from dusss.data.readers import read_mask
+
+    lesion = box_mask(16, 16, (2, 6, 9, 14))
+    path = tiny_manifest.parent / "masks/b.png"
+    write_png(path, np.dstack([np.zeros((16, 16, 3)), lesion[..., None] * 255]).astype(np.uint8))
+    assert verify_manifest(tiny_manifest).ok
+    assert int(read_mask(path).sum()) == int(lesion.sum()) == 20

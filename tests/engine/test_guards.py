@@ -102,15 +102,35 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(
     assert json.loads((out / "state.json").read_text())["epoch"] == 1
 
 
-def test_diverging_learning_rate_stops_before_any_checkpoint(
+def test_diverging_loss_stops_before_any_checkpoint(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A learning rate that diverges at once (--lr 1e30) is now refused by the config's bounds (below), so the
+    # divergence is simulated: an infinite loss from step 1 on.
+    cls = SEG_METHODS["supervised"]
+    original = cls.loss
+
+    def diverging(self, labeled, unlabeled=None, step=0, total_steps=1):  # type: ignore[no-untyped-def]
+        loss, logs = original(self, labeled, unlabeled, step, total_steps)
+        return (loss * float("inf") if step >= 1 else loss), logs
+
+    monkeypatch.setattr(cls, "loss", diverging)
+    out = tmp_path / "run"
+    line = _one_line_error(["train", "--data", str(world["manifest"]), "--splits", str(world["split"]),
+                            "--out", str(out), "--method", "supervised", "--epochs", "2", *TRAIN_FLAGS], capsys)
+    assert line.startswith("error: loss became ") and line.endswith("; no checkpoint written yet")
+    assert not (out / "model.safetensors").exists()
+
+
+def test_an_absurd_learning_rate_is_refused_before_the_run_folder(
     world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
     line = _one_line_error(["train", "--data", str(world["manifest"]), "--splits", str(world["split"]),
                             "--out", str(out), "--method", "supervised", "--epochs", "2", "--lr", "1e30",
                             *TRAIN_FLAGS], capsys)
-    assert line.startswith("error: loss became nan at step ") and line.endswith("; no checkpoint written yet")
-    assert not (out / "model.safetensors").exists()
+    assert line == "error: config.lr must be in (0, 10], got 1e+30"
+    assert not out.exists()
 
 
 # --- output folders ----------------------------------------------------------------------------------------
@@ -214,16 +234,16 @@ CONFIGS = {
     "wrong-literal": ("train", "semi:\n  seg_loss: focal\n", [], "'focal' is not one of"),
     "not-a-mapping": ("train", "- epochs\n", [], "top level must be a mapping"),
     "not-yaml": ("train", "epochs: [1, 2\n", [], "not valid YAML"),
-    "negative-epochs": ("train", None, ["--epochs", "-1"], "epochs must be >= 1, got -1"),
+    "negative-epochs": ("train", None, ["--epochs", "-1"], "config.epochs must be in [1, 100000], got -1"),
     "bad-precision": ("train", None, ["--precision", "fp8"], "precision must be fp32|bf16|fp16, got 'fp8'"),
-    "zero-lr": ("train", None, ["--lr", "0"], "lr must be > 0"),
+    "zero-lr": ("train", None, ["--lr", "0"], "config.lr must be in (0, 10], got 0.0"),
     "threshold-out-of-range": ("train", "threshold: 1.5\n", [], "threshold must be in (0, 1), got 1.5"),
     "image-size-not-multiple-of-16": ("train", None, ["--image-size", "40"], "multiple of 16"),
     "unknown-method": ("train", None, ["--method", "unet++"], "method: 'unet++' is not one of"),
     "negative-ema-decay": ("train", "semi:\n  ema_decay: -0.5\n", [], "ema_decay must be in [0, 1)"),
     "pretrain-unknown-key": ("pretrain", "vlm:\n  embed: 8\n", [], "unknown key 'embed'"),
-    "pretrain-batch-1": ("pretrain", None, ["--batch-size", "1"], "batch_size must be >= 2"),
-    "pretrain-negative-epochs": ("pretrain", None, ["--epochs", "0"], "epochs must be >= 1, got 0"),
+    "pretrain-batch-1": ("pretrain", None, ["--batch-size", "1"], "config.batch_size must be in [2, 65536], got 1"),
+    "pretrain-negative-epochs": ("pretrain", None, ["--epochs", "0"], "config.epochs must be in [1, 100000], got 0"),
     "pretrain-bad-precision": ("pretrain", "precision: fp64\n", [], "precision must be fp32|bf16|fp16"),
 }
 

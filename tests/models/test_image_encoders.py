@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dusss.config import from_dict
-from dusss.errors import ConfigError
+from dusss.errors import CheckpointError, ConfigError
 from dusss.models.image_encoders import IMAGENET_MEAN, IMAGENET_STD, ImageEncoderConfig, build_image_encoder
 
 TINY = {"image_size": 32, "patch_size": 16, "hidden_size": 16, "num_layers": 1, "num_heads": 2}
@@ -105,3 +105,33 @@ def test_config_validation() -> None:
         ImageEncoderConfig(kind="efficientnet_lite0", path="/x")
     with pytest.raises(ConfigError):
         from_dict(ImageEncoderConfig, {"kind": "vit", "bogus": 1})
+
+
+def _pickle_only(folder: Path) -> None:
+    """Turn a saved HF folder's model.safetensors into a (real, pickled) pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    torch.save(load_file(weights), folder / "pytorch_model.bin")
+    weights.unlink()
+
+
+def test_a_folder_with_only_pickled_weights_is_refused_naming_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    conf = ViTConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32)
+    ViTModel(conf, add_pooling_layer=False).save_pretrained(tmp_path)
+    _pickle_only(tmp_path)
+
+    def no_unpickling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load was called on a pickled checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError) as err:
+        build_image_encoder(ImageEncoderConfig(path=str(tmp_path), image_size=32))
+    assert str(err.value).startswith(f"{tmp_path}: no *.safetensors weights (found only pytorch_model.bin)")
+    assert "\n" not in str(err.value)
+    # random_init reads the folder's config only: nothing to refuse
+    assert build_image_encoder(ImageEncoderConfig(path=str(tmp_path), image_size=32, random_init=True)).out_dim == 16

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dusss.errors import ConfigError
+from dusss.errors import CheckpointError, ConfigError
 from dusss.models.text_encoders import HFTextEncoder, TextEncoderConfig, build_text_encoder, model_folder
 
 TINY = {"random_init": True, "num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32}
@@ -98,3 +98,27 @@ def test_config_validation(tmp_path: Path) -> None:
         TextEncoderConfig(kind="clip")
     with pytest.raises(ConfigError):
         build_text_encoder(TextEncoderConfig(kind="hf", path=str(tmp_path)))
+
+
+def test_a_folder_with_only_pickled_weights_is_refused_naming_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    src_dir = model_folder(TextEncoderConfig())
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        shutil.copy(src_dir / name, tmp_path / name)
+    conf = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32)
+    BertModel(conf).save_pretrained(tmp_path)
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")  # a real pickle
+    (tmp_path / "model.safetensors").unlink()
+
+    def no_unpickling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load was called on a pickled checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError) as err:
+        build_text_encoder(TextEncoderConfig(kind="hf", path=str(tmp_path)))
+    assert str(err.value).startswith(f"{tmp_path}: no *.safetensors weights (found only pytorch_model.bin)")
+    assert "\n" not in str(err.value)

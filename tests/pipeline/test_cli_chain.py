@@ -80,11 +80,11 @@ def test_train_runs_write_models_metrics_and_pseudo_label_dice(chain: Path) -> N
 def test_evaluate_writes_metrics_and_per_image_rows(chain: Path) -> None:
     out = dusss("evaluate", "--model", "dusss", "--data", "data/manifest.csv", "--split", "test", cwd=chain)
     shown = json.loads(out.stdout)
-    metrics = json.loads((chain / "dusss" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((chain / "dusss" / "eval" / "test" / "metrics.json").read_text())  # one folder per split
     assert metrics["split"] == "test" and metrics["threshold"] == 0.5
     assert shown["dice"] == pytest.approx(metrics["dice"])
     n_test = sum(1 for line in (chain / "data" / "manifest.csv").read_text().splitlines()[1:] if ",test," in line)
-    per_image = (chain / "dusss" / "eval" / "per_image.csv").read_text().splitlines()
+    per_image = (chain / "dusss" / "eval" / "test" / "per_image.csv").read_text().splitlines()
     assert len(per_image) == n_test + 1
 
 

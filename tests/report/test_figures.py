@@ -93,3 +93,15 @@ def test_figure_grid_places_tiles_and_titles() -> None:
     assert dark_text[:16].any()  # column titles drawn above the tiles
     plain = figure_grid([[red]], pad=0)
     assert plain.shape == (10, 10, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (6, 1)])
+def test_images_with_a_side_of_one_get_overlays_and_heatmaps(shape: tuple[int, int]) -> None:
+    from dusss.report.figures import contour_overlay, heatmap, squeeze2d
+
+    image = np.full((*shape, 3), 0.5, np.float32)
+    mask = np.ones(shape, np.uint8)
+    assert squeeze2d(mask[..., None]).shape == shape
+    out = contour_overlay(image, mask, mask[None])  # [1,H,W] too
+    assert out.shape == (*shape, 3) and (out == [255, 255, 0]).all()  # every pixel is on both contours
+    assert heatmap(image, np.zeros(shape, np.float32)).shape == (*shape, 3)

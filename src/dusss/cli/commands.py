@@ -113,17 +113,19 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., help="Run folder of `dusss train` or its model.safetensors."),
         data: Path = typer.Option(..., help="Manifest CSV."),
         split: str = typer.Option("test", help="train | val | test"),
-        out: Path | None = typer.Option(None, help="Folder for metrics.json / per_image.csv (default RUN/eval)."),
+        out: Path | None = typer.Option(None, help="Folder for metrics.json / per_image.csv (default RUN/eval/SPLIT)."),
         empty_policy: str = typer.Option("skip", help="Images with an empty ground truth: skip (left out, counted) | one (1 if the prediction is empty too) | zero."),
         device: str = typer.Option("auto"),
+        overwrite: bool = typer.Option(False, help="Replace results already in the output folder."),
     ) -> None:
-        """Dice, mIoU and HD95 of the student (protocol in README)."""
+        """Dice, mIoU and HD95 of the student (protocol in README); each split's results in RUN/eval/SPLIT/."""
         from dusss.engine.evaluate import evaluate_run
         from dusss.errors import ConfigError
 
         if empty_policy not in ("skip", "one", "zero"):
             raise ConfigError(f"--empty-policy must be skip, one or zero, got {empty_policy!r}")
-        result = evaluate_run(model, data, split=split, out=out, device=device, empty_policy=empty_policy)
+        result = evaluate_run(model, data, split=split, out=out, device=device, empty_policy=empty_policy,
+                              overwrite=overwrite)
         keys = ("n_images", "dice", "iou", "hd95", "global_dice")
         typer.echo(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
 
@@ -133,11 +135,17 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., help="Run folder of `dusss train` or its model.safetensors."),
         out: Path = typer.Option(..., help="Output folder for masks and overlays."),
         device: str = typer.Option("auto"),
+        overwrite: bool = typer.Option(False, help="Replace masks and overlays already in OUT."),
     ) -> None:
-        """Masks and overlays from the student alone (no text needed at inference)."""
+        """Masks and overlays from the student alone (no text needed at inference).
+
+        Writes OUT/NAME_mask.png and OUT/NAME_overlay.png, NAME being the image's file name without its
+        extension; images with the same name in different folders are told apart by their folders
+        (a/scan.png, b/scan.png -> a__scan_mask.png, b__scan_mask.png).
+        """
         from dusss.engine.predict import predict_files
 
-        written = predict_files(model, images, out, device=device)
+        written = predict_files(model, images, out, device=device, overwrite=overwrite)
         typer.echo(f"{len(written)} mask(s) written to {out}")
 
     @app.command()
@@ -148,11 +156,12 @@ def register(app: typer.Typer) -> None:
         model: Path | None = typer.Option(None, help="A `dusss train` run whose trained grounding decoder to use."),
         out: Path = typer.Option(Path("textmap.png"), help="PNG to write (one panel per prompt)."),
         device: str = typer.Option("auto"),
+        overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     ) -> None:
         """Text-guided heat-map of the frozen VLM for any prompt (paper Fig. 5)."""
         from dusss.report.textmap import textmap_figure
 
-        textmap_figure(vlm, image, list(prompts), out, model_run=model, device=device)
+        textmap_figure(vlm, image, list(prompts), out, model_run=model, device=device, overwrite=overwrite)
         typer.echo(f"heat-map written to {out}")
 
     @app.command()

@@ -19,11 +19,14 @@ def synth(
     caption_style: Annotated[
         str, typer.Option("--caption-style", help="Reports: qata (full), laterality (4 coarse reports) or generic.")
     ] = "qata",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace manifest.csv and phantom_* files already in OUT.")
+    ] = False,
 ) -> None:
     """Write the embedded phantom chest X-ray dataset with QaTa-style reports."""
     from dusss.data.synth import generate_phantoms
 
-    manifest = generate_phantoms(out, n=n, size=size, seed=seed, caption_style=caption_style)
+    manifest = generate_phantoms(out, n=n, size=size, seed=seed, caption_style=caption_style, overwrite=overwrite)
     typer.echo(f"wrote {n} phantoms ({size}x{size}) and {manifest}")
 
 
@@ -52,11 +55,12 @@ def import_lvit(
         Path, typer.Argument(help="LViT dataset folder ({Train,Val,Test}_Folder/{img,labelcol}).")
     ],
     out: Annotated[Path, typer.Argument(help="Folder for manifest.csv (images are referenced, not copied).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT/manifest.csv.")] = False,
 ) -> None:
     """Convert an LViT-layout dataset into a manifest; warn about unmatched images, masks and texts."""
     from dusss.data.lvit import import_lvit as run_import
 
-    report = run_import(src, out)
+    report = run_import(src, out, overwrite=overwrite)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
     typer.echo(f"wrote {report.manifest} ({counts})")
     for title, items in (
@@ -90,12 +94,14 @@ def split(
     labeled: Annotated[float, typer.Option("--labeled", help="Fraction of train cases that keep masks.")],
     out: Annotated[Path, typer.Option("--out", help="Split JSON file to write.")],
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing split file.")] = False,
 ) -> None:
     """Write a deterministic labeled/unlabeled partition of the train split, grouped by case_id."""
-    from dusss.data.manifest import read_manifest
+    from dusss.data.manifest import read_manifest, record_files
     from dusss.data.splits import make_split, save_split
 
-    result = make_split(read_manifest(manifest), labeled, seed, source=manifest)
-    save_split(result, out)
+    records = read_manifest(manifest)
+    result = make_split(records, labeled, seed, source=manifest)
+    save_split(result, out, inputs=[("MANIFEST", manifest), *record_files(records)], overwrite=overwrite)
     sizes = ", ".join(f"{k} {len(result[k])}" for k in ("labeled", "unlabeled", "val", "test"))
     typer.echo(f"wrote {out} ({sizes})")

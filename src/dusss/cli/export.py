@@ -17,10 +17,11 @@ def register(app: typer.Typer) -> None:
         fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript")],
         out: Annotated[Path, typer.Option(help="File to write (e.g. model.onnx); a JSON description goes beside it.")],
         opset: Annotated[int, typer.Option(help="ONNX opset (ignored for torchscript).")] = 17,
+        overwrite: Annotated[bool, typer.Option(help="Replace OUT (and its JSON) if they exist.")] = False,
     ) -> None:
         """Export the segmentation U-Net, with a JSON of its preprocessing (size, normalisation, threshold)."""
         from dusss.engine.export import export_model, sidecar_for
 
-        written = export_model(model, fmt, out, opset=opset)
+        written = export_model(model, fmt, out, opset=opset, overwrite=overwrite)
         typer.echo(f"{fmt.strip().lower()} model written to {written}")
         typer.echo(f"preprocessing written to {sidecar_for(written)}")

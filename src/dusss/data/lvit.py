@@ -4,7 +4,8 @@ Layout: SRC/{Train,Val,Test}_Folder/{img,labelcol}/ plus one `*_text.xlsx` (or `
 with the columns `Image`, `Description`. Files are matched on their stem, because LViT's names disagree
 across folders: MoNuSeg's test xlsx names `.png` files that are `.tif` in img/, and QaTa-COV19 names the
 mask (`mask_<image>.png`) in both labelcol/ and the `Image` column. A folder without labelcol/ (or an
-image without a mask) gives unlabeled rows. case_id is the image stem.
+image without a mask) gives unlabeled rows. case_id is the image stem. An existing OUT/manifest.csv is
+replaced only with `overwrite`, and never when it is one of the dataset's own files.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from dusss.data.manifest import write_manifest
 from dusss.data.readers import known_extensions
 from dusss.errors import DataError
+from dusss.outputs import check_outputs
 
 FOLDERS: dict[str, str] = {"Train_Folder": "train", "Val_Folder": "val", "Test_Folder": "test"}
 
@@ -115,8 +117,12 @@ def _texts(folder: Path) -> tuple[Path | None, list[tuple[str, str]]]:
     return path, _read_xlsx(path) if path.suffix.lower() == ".xlsx" else _read_csv(path)
 
 
-def import_lvit(src: str | Path, out: str | Path) -> ImportReport:
-    """Write OUT/manifest.csv for an LViT-layout dataset at SRC; report unmatched images, masks, texts."""
+def import_lvit(src: str | Path, out: str | Path, overwrite: bool = False) -> ImportReport:
+    """Write OUT/manifest.csv for an LViT-layout dataset at SRC; report unmatched images, masks, texts.
+
+    DusssError before anything is read if OUT/manifest.csv exists and `overwrite` is not set, or (after
+    the scan) if it is one of the dataset's files.
+    """
     src_p, out_p = Path(src), Path(out)
     if not src_p.is_dir():
         raise DataError(src_p, "dataset folder not found" if not src_p.exists() else "not a folder")
@@ -127,7 +133,9 @@ def import_lvit(src: str | Path, out: str | Path) -> ImportReport:
         raise DataError(out_p, "exists and is not a folder")
     out_abs = Path(os.path.abspath(out_p))
     report = ImportReport(manifest=out_p / "manifest.csv")
+    check_outputs([report.manifest], overwrite=overwrite)
     rows = []
+    inputs: list[tuple[str, Path]] = []
 
     def rel_src(p: Path) -> str:
         return Path(os.path.relpath(p, src_p)).as_posix()
@@ -145,7 +153,10 @@ def import_lvit(src: str | Path, out: str | Path) -> ImportReport:
                 masks[s] = masks_by_stem["mask_" + s]
         used = {p.name for p in masks.values()}
         report.masks_without_image += [rel_src(p) for p in masks_by_stem.values() if p.name not in used]
+        inputs += [("dataset file", p) for p in (*images.values(), *masks_by_stem.values())]
         text_file, pairs = _texts(folder)
+        if text_file is not None:
+            inputs.append(("dataset text file", text_file))
         texts: dict[str, str] = {}
         for key, text in pairs:
             s = _stem(key)
@@ -173,5 +184,6 @@ def import_lvit(src: str | Path, out: str | Path) -> ImportReport:
         report.counts[split] = len(images)
     if not rows:
         raise DataError(src_p, "no images found in {Train,Val,Test}_Folder/img/")
+    check_outputs([report.manifest], inputs=inputs, overwrite=overwrite)
     write_manifest(report.manifest, rows)
     return report

@@ -2,7 +2,8 @@
 
 Paths are relative to the manifest's folder (absolute paths are accepted too). `mask` may be empty for
 unlabeled-only rows; `split` is one of train/val/test; `case_id` groups slices of one patient (an empty
-case_id makes the row its own case). A row is identified by `Record.key`, the `image` string as written.
+case_id makes the row its own case), and all rows of a case must share one split (`data verify`,
+`data split` and split files refuse a case on two sides: patient leakage). A row is identified by `Record.key`, the `image` string as written.
 `Record.row` is the line where the row starts in the file: the header is line 1, the first row line 2.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,25 @@ def row_problem(values: dict[str, str]) -> str | None:
     return None
 
 
+def cases_across_splits(rows: Iterable[tuple[str, str, int]]) -> dict[str, dict[str, int]]:
+    """Cases with rows in more than one split (patient leakage), from `(case_id, split, row)` triples:
+    `{case_id: {split: its first row}}`, splits in train/val/test order."""
+    seen: dict[str, dict[str, int]] = {}
+    for case, split, row in rows:
+        seen.setdefault(case, {}).setdefault(split, row)
+    order = {s: i for i, s in enumerate(SPLITS)}
+    return {c: dict(sorted(by.items(), key=lambda kv: order.get(kv[0], len(order))))
+            for c, by in seen.items() if len(by) > 1}
+
+
+def leak_message(case: str, rows_by_split: dict[str, int]) -> str:
+    """'case 'p1' has rows in train (row 2) and test (row 7)' plus what it means, for one leaking case."""
+    parts = [f"{s} (row {r})" for s, r in rows_by_split.items()]
+    where = " and ".join(parts) if len(parts) == 2 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return (f"case {case!r} has rows in {where}: one patient on two sides of the split leaks into the scores "
+            "(give all rows of a case the same split)")
+
+
 def make_record(folder: Path, row_no: int, values: dict[str, str]) -> Record:
     """Build a Record from one raw row (no file-system checks)."""
     key = values["image"]
@@ -124,6 +145,17 @@ def read_manifest(path: str | Path) -> list[Record]:
         seen[values["image"]] = row_no
         records.append(make_record(folder, row_no, values))
     return records
+
+
+def record_files(records: list[Record]) -> list[tuple[str, Path]]:
+    """(what, file) of every image and mask the rows name (`#slice=N` dropped): the inputs behind a manifest."""
+    out: list[tuple[str, Path]] = []
+    for r in records:
+        for what, p in (("image", r.image), ("mask", r.mask)):
+            if p is not None:
+                s = str(p)
+                out.append((f"{what} of manifest row {r.row}", Path(s.rpartition("#")[0] if "#slice=" in s else s)))
+    return out
 
 
 def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> Path:

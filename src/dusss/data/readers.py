@@ -9,10 +9,18 @@ Float images already inside [0,1] are kept as they are under both policies.
 
 NIfTI arrays are used as stored (axis 0 = image rows), so an array saved with nibabel reads back
 unchanged. NIfTI needs `nibabel`, DICOM `pydicom` (`pip install dusss[medical]`).
+
+Size limit: one image, slice or frame may have at most `max_pixels()` pixels, Pillow's
+`PIL.Image.MAX_IMAGE_PIXELS` (about 89 M; set it to change the limit for every format, None for none). Every
+built-in reader checks the size its header declares before it decodes any pixel data, so a small file that
+declares a huge image fails at once with a DataError naming it; NIfTI and DICOM decode only the requested
+slice or frame.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +42,10 @@ _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_reader(exts: Iterable[str], fn: ReaderFn, scale: str = "dtype") -> None:
-    """Register `fn(path, index) -> raw array` for extensions like ".png" or ".nii.gz"."""
+    """Register `fn(path, index) -> raw array` for extensions like ".png" or ".nii.gz".
+
+    `fn` should call `check_pixels(path, height, width)` with the size its header declares before decoding;
+    the decoded array is checked against `max_pixels()` in any case."""
     if scale not in ("dtype", "minmax"):
         raise ValueError(f"scale must be 'dtype' or 'minmax', got {scale!r}")
     for ext in exts:
@@ -67,6 +78,26 @@ def _extension(path: Path) -> str:
     return path.suffix.lower()
 
 
+def max_pixels() -> int | None:
+    """Most pixels per image, slice or frame: `PIL.Image.MAX_IMAGE_PIXELS` (None: no limit)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else int(limit)
+
+
+def check_pixels(path: str | Path, height: int, width: int) -> None:
+    """DataError naming `path` when a declared `height` x `width` image is over `max_pixels()`."""
+    limit = max_pixels()
+    if limit is not None and int(height) * int(width) > limit:
+        raise _too_large(path, f"{int(height)}x{int(width)} = {int(height) * int(width)} pixels")
+
+
+def _too_large(path: str | Path, declared: str) -> DataError:
+    return DataError(path, f"image declares {declared}, over the limit of {max_pixels()} pixels "
+                           "(PIL.Image.MAX_IMAGE_PIXELS; raise it if the file is genuine)")
+
+
 def _read_raw(path: str | Path) -> tuple[np.ndarray, str, Path]:
     file, index = split_path(path)
     ext = _extension(file)
@@ -86,6 +117,8 @@ def _read_raw(path: str | Path) -> tuple[np.ndarray, str, Path]:
         raise
     except ImportError as exc:
         raise DataError(file, f"cannot read this format: {exc}") from None
+    except MemoryError:
+        raise DataError(file, "not enough memory to decode this image") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt file for the user
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(file, f"cannot decode image ({detail})") from None
@@ -93,6 +126,7 @@ def _read_raw(path: str | Path) -> tuple[np.ndarray, str, Path]:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or min(arr.shape[:2]) < 1:
         raise DataError(file, f"unsupported array shape {tuple(arr.shape)} (expected HxW or HxWx3/4)")
+    check_pixels(file, arr.shape[0], arr.shape[1])  # a registered reader that does not check its header
     return arr, entry.scale, file
 
 
@@ -135,14 +169,43 @@ def _fmt_values(values: np.ndarray) -> str:
     return "{" + ", ".join(shown) + more + "}"
 
 
+def _constant(plane: np.ndarray) -> bool:
+    return bool(plane.size == 0 or (plane == plane.flat[0]).all())
+
+
+def _mask_plane(arr: np.ndarray, file: Path) -> tuple[np.ndarray, str]:
+    """The one plane a mask is read from, and where it came from (the rule is in `read_mask`)."""
+    if arr.ndim == 2:
+        return arr, ""
+    rgb = arr[:, :, :3]
+    alpha = arr[:, :, 3] if arr.shape[2] == 4 else None
+    uniform_colour = all(_constant(rgb[:, :, c]) for c in range(3))
+    if alpha is not None and uniform_colour and (not _constant(alpha) or not alpha.any()):
+        return alpha, " (read from the alpha channel)"
+    if not (np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])):
+        raise DataError(file, "mask is not binary: its colour channels differ (save it as grayscale)")
+    gray = rgb[:, :, 0]
+    if alpha is not None and not _constant(alpha) and not np.array_equal(gray != 0, alpha != 0):
+        raise DataError(
+            file,
+            "ambiguous mask: its gray levels and its alpha channel both vary and draw different masks "
+            "(save the mask as single-channel grayscale)",
+        )
+    return gray, ""
+
+
 def read_mask(path: str | Path) -> np.ndarray:
-    """Decode a binary mask as uint8 [H,W] in {0,1}; values must be a subset of {0,1} or of {0,255}."""
+    """Decode a binary mask as uint8 [H,W] in {0,1}; values must be a subset of {0,1} or of {0,255}.
+
+    Masks with several channels (RGB, RGBA, gray + alpha) are read from one plane:
+    the alpha channel when every colour channel is constant and alpha varies (a lesion drawn only in alpha,
+    on a uniform colour) or is 0 everywhere (a fully transparent mask is empty, whatever its hidden colour);
+    otherwise the gray level, which needs equal R, G and B. When both the gray level and the alpha channel
+    vary they must draw the same mask (nonzero in the same pixels), else the mask is ambiguous and refused.
+    Any other constant alpha (opaque or not) is ignored.
+    """
     arr, _, file = _read_raw(path)
-    if arr.ndim == 3:
-        rgb = arr[:, :, :3]
-        if not (np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])):
-            raise DataError(file, "mask is not binary: its colour channels differ (save it as grayscale)")
-        arr = rgb[:, :, 0]
+    arr, source = _mask_plane(arr, file)
     values = np.unique(arr)
     if values.size and values.dtype.kind == "f" and not np.isfinite(values).all():
         raise DataError(file, "mask is not binary: it contains NaN or infinite values")
@@ -152,7 +215,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     if vset <= {0.0, 255.0}:
         return (arr != 0).astype(np.uint8)
     hint = " (lossy JPEG masks are never binary; use PNG)" if file.suffix.lower() in (".jpg", ".jpeg") else ""
-    raise DataError(file, f"mask is not binary: values {_fmt_values(values)}{hint}")
+    raise DataError(file, f"mask is not binary: values {_fmt_values(values)}{source}{hint}")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -164,13 +227,30 @@ def image_size(path: str | Path) -> tuple[int, int]:
 # ---- built-in readers ---------------------------------------------------------------------------------
 
 
+def _open_pillow(path: Path) -> object:
+    """`Image.open` with our size message instead of Pillow's decompression-bomb error and warning."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the file named
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            raise _too_large(path, f"{found.group(1)} pixels" if found else "too many pixels") from None
+
+
 def _read_pillow(path: Path, index: int | None) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as img:
+    with _open_pillow(path) as img:  # type: ignore[attr-defined]
+        check_pixels(path, img.height, img.width)
         if index is not None:
             img.seek(index)
-        img.load()
+            check_pixels(path, img.height, img.width)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
         mode = img.mode
         if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
             return np.asarray(img).astype(np.uint16)
@@ -185,28 +265,32 @@ def _read_pillow(path: Path, index: int | None) -> np.ndarray:
             return np.asarray(img)
         if mode == "1":
             return np.asarray(img.convert("L"))
-        if mode == "LA":
-            return np.asarray(img.convert("L"))
+        if "A" in img.getbands() or "a" in img.getbands():  # LA, PA, La, RGBa: keep the alpha (masks use it)
+            return np.asarray(img.convert("RGBA"))
         if mode == "P":
             converted = img.convert("RGBA" if "transparency" in img.info else "RGB")
             return np.asarray(converted)
         return np.asarray(img.convert("RGB"))
 
 
-def _pick_slice(data: np.ndarray, index: int | None, path: Path) -> np.ndarray:
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
+def _slice_of(shape: tuple[int, ...], index: int | None, path: Path) -> tuple[int | slice, ...]:
+    """The indexing tuple of one 2-D slice of a volume of `shape` (trailing singleton axes beyond 3 ignored)."""
+    ndim = len(shape)
+    while ndim > 3 and shape[ndim - 1] == 1:
+        ndim -= 1
+    if ndim not in (2, 3):
+        raise DataError(path, f"unsupported {ndim}-D volume of shape {tuple(shape)}")
+    check_pixels(path, shape[0], shape[1])
+    rest = (0,) * (len(shape) - ndim)
+    if ndim == 2:
         if index not in (None, 0):
             raise DataError(path, f"slice {index} requested but the image is 2-D")
-        return data
-    if data.ndim != 3:
-        raise DataError(path, f"unsupported {data.ndim}-D volume of shape {tuple(data.shape)}")
-    n = data.shape[2]
+        return (slice(None), slice(None), *rest)
+    n = shape[2]
     i = n // 2 if index is None else index
     if not 0 <= i < n:
         raise DataError(path, f"slice {index} out of range (the volume has {n} slices)")
-    return data[:, :, i]
+    return (slice(None), slice(None), i, *rest)
 
 
 def _read_nifti(path: Path, index: int | None) -> np.ndarray:
@@ -214,8 +298,9 @@ def _read_nifti(path: Path, index: int | None) -> np.ndarray:
         import nibabel
     except ImportError:
         raise DataError(path, "reading NIfTI needs nibabel: pip install 'dusss[medical]'") from None
-    img = nibabel.load(str(path))
-    return np.asarray(_pick_slice(np.asanyarray(img.dataobj), index, path))
+    img = nibabel.load(str(path))  # the header only: the data is read below, one slice of it
+    where = _slice_of(tuple(int(s) for s in img.shape), index, path)
+    return np.asarray(img.dataobj[where])
 
 
 def _read_dicom(path: Path, index: int | None) -> np.ndarray:
@@ -223,17 +308,18 @@ def _read_dicom(path: Path, index: int | None) -> np.ndarray:
         import pydicom
     except ImportError:
         raise DataError(path, "reading DICOM needs pydicom: pip install 'dusss[medical]'") from None
-    ds = pydicom.dcmread(str(path))
-    arr = np.asarray(ds.pixel_array)
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)  # the header: pixel data is decoded below
+    check_pixels(path, int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0))
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    i = None
     if frames > 1:
         i = frames // 2 if index is None else index
         if not 0 <= i < frames:
             raise DataError(path, f"frame {index} out of range (the file has {frames} frames)")
-        arr = arr[i]
     elif index not in (None, 0):
         raise DataError(path, f"frame {index} requested but the file has one frame")
+    arr = _dicom_pixels(pydicom, path, i)
     if samples == 1:
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
         intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
@@ -242,6 +328,16 @@ def _read_dicom(path: Path, index: int | None) -> np.ndarray:
         if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
             arr = arr.max() - arr
     return arr
+
+
+def _dicom_pixels(pydicom: object, path: Path, frame: int | None) -> np.ndarray:
+    """Frame `frame` (None: the only one) of a DICOM file; pydicom >= 3 decodes that frame alone."""
+    try:
+        from pydicom.pixels import pixel_array
+    except ImportError:  # pydicom 2: the whole pixel data, then the frame
+        arr = np.asarray(pydicom.dcmread(str(path)).pixel_array)  # type: ignore[attr-defined]
+        return arr if frame is None else arr[frame]
+    return np.asarray(pixel_array(str(path), index=frame))
 
 
 register_reader([".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"], _read_pillow, scale="dtype")

@@ -1,6 +1,8 @@
 """Labeled/unlabeled partitions of the train split, grouped by case_id, saved as JSON (nnU-Net style).
 
-`make_split` draws round(fraction x number of train cases) cases (at least one) among the train cases
+A case (case_id) belongs to one side only: `make_split` refuses a manifest with a case in two of
+train/val/test, and `load_split` a split file with a case in two of train (labeled + unlabeled)/val/test
+(patient leakage). `make_split` draws round(fraction x number of train cases) cases (at least one) among the train cases
 that have at least one mask; their masked rows are `labeled`, every other train row is `unlabeled`
 (its mask, if any, is never used). Cases are sorted by case_id before a seeded permutation, so the
 split depends only on the manifest's content, the fraction and the seed. `val`/`test` are the
@@ -18,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from dusss.data.manifest import Record
+from dusss.data.manifest import Record, cases_across_splits, leak_message
 from dusss.errors import ConfigError, DataError
+from dusss.outputs import Inputs, check_outputs
 
 LISTS: tuple[str, ...] = ("labeled", "unlabeled", "val", "test")
 
@@ -37,6 +40,11 @@ def make_split(
     for s, rows in by_split.items():
         if not rows:
             raise DataError(source, f"the manifest has no {s} rows (train, val and test are all needed)")
+    leaks = cases_across_splits((r.case_id, r.split, r.row) for r in records)
+    if leaks:
+        case, rows_by_split = next(iter(leaks.items()))
+        more = f" ({len(leaks) - 1} more case(s) like it)" if len(leaks) > 1 else ""
+        raise DataError(source, leak_message(case, rows_by_split) + more)
     cases: dict[str, list[Record]] = {}
     for r in by_split["train"]:
         cases.setdefault(r.case_id, []).append(r)
@@ -63,11 +71,16 @@ def make_split(
     }
 
 
-def save_split(split: dict[str, Any], path: str | Path) -> Path:
-    """Write a split as indented JSON (atomically)."""
+def save_split(split: dict[str, Any], path: str | Path, inputs: Inputs = (), overwrite: bool = False) -> Path:
+    """Write a split as indented JSON (atomically).
+
+    DusssError if `path` is one of `inputs` (e.g. the manifest: `("manifest", path)` pairs), or exists and
+    `overwrite` is not set.
+    """
     p = Path(path)
     if p.exists() and p.is_dir():
         raise DataError(p, "is a folder, expected a .json file path")
+    check_outputs([p], inputs=inputs, overwrite=overwrite)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
@@ -106,4 +119,19 @@ def load_split(path: str | Path, records: Sequence[Record]) -> dict[str, Any]:
             if k in owner:
                 raise DataError(p, f"key {k!r} is in both '{owner[k]}' and '{name}'")
             owner[k] = name
+    _check_cases(p, split, by_key)
     return split
+
+
+def _check_cases(path: Path, split: dict[str, Any], by_key: dict[str, Record]) -> None:
+    """DataError when one case has keys on two sides (train = labeled + unlabeled, val, test)."""
+    sides: dict[str, dict[str, tuple[str, str]]] = {}
+    for name in LISTS:
+        side = "train" if name in ("labeled", "unlabeled") else name
+        for k in split[name]:
+            sides.setdefault(by_key[k].case_id, {}).setdefault(side, (name, k))
+    for case, by_side in sides.items():
+        if len(by_side) > 1:
+            (n1, k1), (n2, k2) = list(by_side.values())[:2]
+            raise DataError(path, f"case {case!r} is in both '{n1}' ({k1!r}) and '{n2}' ({k2!r}): one patient on "
+                                  "two sides of the split leaks into the scores")

@@ -9,7 +9,8 @@ whose radiological convention puts the patient's left lung on the image's right.
 
 Phantom i depends only on (seed, i), so a larger `n` extends a smaller set; the split (60/20/20,
 at least one image per split) is drawn from its own stream. Same arguments -> identical bytes.
-Writing into an existing folder overwrites phantom_* files and manifest.csv and deletes nothing.
+Writing into a folder that already holds manifest.csv or phantom_* files needs `overwrite` (then they are
+replaced and nothing else is deleted).
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dusss.data.caption import caption_mask, check_caption_style
+from dusss.data.caption import ZONES, caption_mask, check_caption_style, zone_of_rows
 from dusss.data.manifest import write_manifest
 from dusss.errors import ConfigError, DataError
+from dusss.outputs import check_outputs
 
 LESION_COUNT_P = (0.1, 0.35, 0.35, 0.2)
 FAINT_P = 0.3
 # (centre u, centre v, radius u, radius v) in image fractions; image-left lung = patient's right lung
 _LUNGS = {"right": (0.31, 0.50, 0.155, 0.33), "left": (0.69, 0.51, 0.145, 0.31)}
+_HEART = (0.56, 0.69, 0.15, 0.13)  # the heart ellipse; it is cut out of the lung fields
 
 
 def _interp_matrix(g: int, size: int) -> np.ndarray:
@@ -63,6 +66,32 @@ def _lesion(u, v, cu, cv, r0, rng):
     return rel < 1.0, profile
 
 
+def _lung_fields(u: np.ndarray, v: np.ndarray, jit: np.ndarray, scale: float, sharp: float):
+    """(lung ellipses per side, heart field, soft lung field per side with the heart cut out)."""
+    lungs = {}
+    for side, (cu, cv, ru, rv) in _LUNGS.items():
+        lungs[side] = (cu + jit[1], cv + jit[2], ru * scale, rv * scale)
+    heart = _ellipse(u, v, _HEART[0] + jit[3], *_HEART[1:], sharp)
+    fields = {side: _ellipse(u, v, *p, sharp) * (1 - heart) for side, p in lungs.items()}
+    return lungs, heart, fields
+
+
+def lung_zone_masks(size: int) -> dict[tuple[str, str], np.ndarray]:
+    """The report's zones of the nominal phantom lungs at `size` px: `{(zone, side): bool [S,S]}`.
+
+    Lungs are the phantom lung fields without per-image jitter (0.95-1.05 scale, ±1.5 % shift), heart cut out,
+    in the lesions' `lung > 0.5` sense; sides follow `_LUNGS` (the patient's side, radiological convention:
+    "right" is the image-left lung); zones are `caption.zone_of_rows` (thirds of the image height), so
+    `caption_mask` of a zone's mask names that zone.
+    """
+    c = (np.arange(size) + 0.5) / size
+    u, v = np.meshgrid(c, c)
+    _, _, fields = _lung_fields(u, v, np.zeros(4), 1.0, 0.25 * size / 4)
+    rows = zone_of_rows(np.arange(size), size)[:, None]
+    return {(zone, side): (fields[side] > 0.5) & (rows == z)
+            for z, zone in enumerate(ZONES) for side in _LUNGS}
+
+
 def _phantom(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One phantom: (uint8 image [S,S], uint8 mask [S,S] in {0,1})."""
     rng = np.random.default_rng([seed, 0, index])
@@ -72,11 +101,8 @@ def _phantom(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     jit = rng.uniform(-0.015, 0.015, size=4)
     scale = rng.uniform(0.95, 1.05)
     body = _ellipse(u, v, 0.5 + jit[0], 0.58, 0.47, 0.55, sharp)
-    lungs = {}
-    for side, (cu, cv, ru, rv) in _LUNGS.items():
-        lungs[side] = (cu + jit[1], cv + jit[2], ru * scale, rv * scale)
-    heart = _ellipse(u, v, 0.56 + jit[3], 0.69, 0.15, 0.13, sharp)
-    lung = np.maximum(*[_ellipse(u, v, *p, sharp) for p in lungs.values()]) * (1 - heart)
+    lungs, heart, fields = _lung_fields(u, v, jit, scale, sharp)
+    lung = np.maximum(*fields.values())
     tissue = rng.uniform(0.45, 0.55)
     img = 0.04 + body * (tissue - 0.04)
     img += 0.15 * body * np.exp(-(((u - 0.5 - jit[0]) / 0.045) ** 2))  # spine
@@ -131,11 +157,13 @@ def _splits(n: int, seed: int) -> list[str]:
     return split
 
 
-def generate_phantoms(out: str | Path, n: int, size: int = 128, seed: int = 0, caption_style: str = "qata") -> Path:
+def generate_phantoms(out: str | Path, n: int, size: int = 128, seed: int = 0, caption_style: str = "qata",
+                      overwrite: bool = False) -> Path:
     """Write OUT/images/*.png, OUT/masks/*.png and OUT/manifest.csv; return the manifest path.
 
     `caption_style` picks the report vocabulary (one of `dusss.data.caption.CAPTION_STYLES`); images and
-    masks do not depend on it.
+    masks do not depend on it. DusssError before anything is written if one of these files exists and
+    `overwrite` is not set.
     """
     check_caption_style(caption_style, "--caption-style")
     if not isinstance(n, int) or n < 3:
@@ -147,6 +175,9 @@ def generate_phantoms(out: str | Path, n: int, size: int = 128, seed: int = 0, c
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise DataError(root, "exists and is not a folder")
+    names = [f"phantom_{i:04d}.png" for i in range(n)]
+    check_outputs([root / "manifest.csv", *(root / d / f for d in ("images", "masks") for f in names)],
+                  overwrite=overwrite)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     splits = _splits(n, seed)

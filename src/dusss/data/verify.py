@@ -2,7 +2,8 @@
 
 Checks per row: image and mask exist and decode, equal sizes, binary mask, non-empty text, valid split,
 no duplicate row or image key; val/test rows need a mask (they are scored). Checks overall: train, val
-and test are each non-empty, and at least one train row is labeled.
+and test are each non-empty, at least one train row is labeled, and no case_id has rows in two splits
+(patient leakage: one line per such case, naming its splits and first rows).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from dusss.data.manifest import SPLITS, read_table, resolve_path, row_problem
+from dusss.data.manifest import (
+    SPLITS,
+    cases_across_splits,
+    leak_message,
+    read_table,
+    resolve_path,
+    row_problem,
+)
 from dusss.data.readers import read_image, read_mask
 from dusss.errors import DataError
 
@@ -56,6 +64,7 @@ def verify_manifest(path: str | Path) -> VerifyReport:
     splits: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
     labeled = Counter()
+    case_rows: list[tuple[str, str, int]] = []
     for row_no, values in table:
         where = f"{p}: row {row_no}"
         full = tuple(values[c] for c in ("image", "mask", "text", "split", "case_id"))
@@ -73,6 +82,7 @@ def verify_manifest(path: str | Path) -> VerifyReport:
             continue
         seen_keys[key] = row_no
         split = values["split"]
+        case_rows.append((values["case_id"] or key, split, row_no))
         splits[split] += 1
         if not values["text"]:
             problems.append(f"{where}: text is empty")
@@ -94,6 +104,8 @@ def verify_manifest(path: str | Path) -> VerifyReport:
                 f"{mask_path}: mask size {mask.shape[0]}x{mask.shape[1]} differs from the image size "
                 f"{image.shape[0]}x{image.shape[1]} (row {row_no})"
             )
+    for case, rows_by_split in cases_across_splits(case_rows).items():
+        problems.append(f"{p}: {leak_message(case, rows_by_split)}")
     for split in SPLITS:
         if splits[split] == 0:
             problems.append(f"{p}: split '{split}' has no rows")

@@ -14,7 +14,8 @@ and `torch.jit.save`: a TorchScript archive, read back by `torch.jit.load`'s own
 Python's pickle of arbitrary objects; the weights are read through safetensors as everywhere in dusss.
 
 Both files are written atomically (temp file + rename), the model first and the JSON last, so a JSON
-always describes a complete model file.
+always describes a complete model file. Neither may be the source checkpoint or its sidecar (refused even
+with `overwrite`), and an existing file is replaced only with `overwrite` (`dusss.outputs.check_outputs`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 
 from dusss import __version__
-from dusss.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from dusss.engine.checkpoint import atomic_write_bytes, atomic_write_text, sidecar_path
 from dusss.errors import CheckpointError, ConfigError
+from dusss.outputs import check_outputs
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "dusss-export-v1"
@@ -169,19 +171,23 @@ def describe_export(meta: dict[str, Any], source: Path, fmt: str, out_file: Path
     }
 
 
-def export_model(model_path: str | Path, fmt: str, out_file: str | Path, opset: int = 17) -> Path:
+def export_model(model_path: str | Path, fmt: str, out_file: str | Path, opset: int = 17,
+                 overwrite: bool = False) -> Path:
     """Export the student U-Net of `model_path` (a `dusss train` run folder or its model.safetensors).
 
     `fmt` is "onnx" (opset `opset`, dynamic batch axis) or "torchscript" (traced). Writes `out_file`
     (its folder is created) and `<out_file>.json` describing the preprocessing; returns `out_file`.
-    Raises ConfigError for a bad format/opset/output path and CheckpointError for a missing, foreign or
-    wrong-kind checkpoint (both one-line messages).
+    Raises ConfigError for a bad format/opset/output path, CheckpointError for a missing, foreign or
+    wrong-kind checkpoint, and DusssError for an output that is the checkpoint (or its sidecar) or that
+    exists without `overwrite` (all one-line messages).
     """
     from dusss.engine.train import load_segmentation_model
 
     out_file = Path(out_file)
     fmt_n = _check_args(fmt, out_file, opset)
     source = _resolve_checkpoint(model_path)
+    check_outputs([out_file, sidecar_for(out_file)],
+                  inputs=[("--model", source), ("--model's sidecar", sidecar_path(source))], overwrite=overwrite)
     model, meta = load_segmentation_model(model_path, "cpu")
     image_size = _image_size(meta, source)
     threshold = _threshold(meta, source)

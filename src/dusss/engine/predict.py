@@ -1,4 +1,10 @@
-"""Inference with the student U-Net alone: image in, mask out (no text, no VLM, no teacher)."""
+"""Inference with the student U-Net alone: image in, mask out (no text, no VLM, no teacher).
+
+Outputs are OUT/<name>_mask.png and OUT/<name>_overlay.png, where <name> is the image's stem; images that
+share a stem are told apart by their parent folders (`a/scan.png`, `b/scan.png` -> `a__scan`, `b__scan`,
+see `dusss.outputs.distinct_stems`), and the same file given twice is predicted once. An output that is one
+of the inputs is refused, and existing outputs are replaced only with `overwrite`.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dusss.data.readers import read_image
+from dusss.engine.checkpoint import sidecar_path
 from dusss.engine.precision import resolve_device
 from dusss.engine.train import load_segmentation_model
+from dusss.outputs import check_outputs, distinct_stems, unique_files
 from dusss.report.figures import contour_overlay, save_png
 
 
@@ -26,23 +34,39 @@ def predict_probability(model: torch.nn.Module, image: np.ndarray, image_size: i
     return torch.sigmoid(logits)[0, 0].cpu().numpy()
 
 
+def output_names(images: list[str | Path], out: str | Path, overlays: bool = True) -> list[tuple[Path, Path | None]]:
+    """(mask path, overlay path or None) per image, never the same for two images (module docstring)."""
+    out = Path(out)
+    return [(out / f"{n}_mask.png", out / f"{n}_overlay.png" if overlays else None)
+            for n in distinct_stems([Path(p) for p in images])]
+
+
 def predict_files(model_path: str | Path, images: list[str | Path], out: str | Path, device: str = "auto",
-                  overlays: bool = True) -> list[Path]:
-    """Write OUT/<stem>_mask.png (0/255) and OUT/<stem>_overlay.png for each image; returns the mask paths."""
+                  overlays: bool = True, overwrite: bool = False) -> list[Path]:
+    """Write OUT/<name>_mask.png (0/255) and OUT/<name>_overlay.png for each image; returns the mask paths.
+
+    <name> is the stem, or parent folders + stem where stems collide (module docstring). DusssError before
+    anything is written for an output that is an input, or that exists without `overwrite`.
+    """
+    images = unique_files(images)
+    names = output_names(images, out, overlays)
+    source = Path(model_path) / "model.safetensors" if Path(model_path).is_dir() else Path(model_path)
+    inputs = [("--model", source), ("--model's sidecar", sidecar_path(source)), *(("image", p) for p in images)]
+    check_outputs([p for pair in names for p in pair if p is not None], inputs=inputs, overwrite=overwrite)
     dev = resolve_device(device)
     model, meta = load_segmentation_model(model_path, dev)
     size, threshold = int(meta["image_size"]), float(meta.get("threshold", 0.5))
-    images = [Path(p) for p in images]
-    decoded = [(p, read_image(p)) for p in images]  # fail on a bad file before writing anything
+    decoded = [read_image(p) for p in images]  # fail on a bad file before writing anything
+    results = []  # every mask and overlay is computed before the first file is written
+    for image, (_, overlay_path) in zip(decoded, names):
+        mask = (predict_probability(model, image, size, dev) >= threshold).astype(np.uint8)
+        results.append((mask, contour_overlay(image, None, mask) if overlay_path is not None else None))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path, image in decoded:
-        prob = predict_probability(model, image, size, dev)
-        mask = (prob >= threshold).astype(np.uint8)
-        mask_path = out / f"{path.stem}_mask.png"
+    for (mask, overlay_image), (mask_path, overlay_path) in zip(results, names):
         Image.fromarray(mask * 255, mode="L").save(mask_path)  # single-channel 0/255
-        if overlays:
-            save_png(contour_overlay(image, None, mask), out / f"{path.stem}_overlay.png")
+        if overlay_path is not None and overlay_image is not None:
+            save_png(overlay_image, overlay_path)
         written.append(mask_path)
     return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,22 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dusss.config import check, to_dict
+from dusss.config import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_GRAD_ACCUM,
+    MAX_IMAGE_SIZE,
+    MAX_LR,
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_WORKERS,
+    bounded,
+    check,
+    check_fields,
+    to_dict,
+)
 from dusss.data.datasets import PretrainDataset
-from dusss.data.manifest import read_manifest
+from dusss.data.manifest import read_manifest, record_files
 from dusss.engine import distributed as dist
 from dusss.engine.checkpoint import load_state_into
 from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
@@ -53,21 +67,21 @@ class PretrainConfig:
     data: str = ""
     out: str = ""
     method: str = "dusss"
-    epochs: int = 10
-    batch_size: int = 16
-    image_size: int = 128
-    lr: float = 1e-4
-    encoder_lr: float = 3e-5
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
+    epochs: int = bounded(10, ge=1, le=MAX_EPOCHS)
+    batch_size: int = bounded(16, ge=2, le=MAX_BATCH)  # >= 2 for a contrastive loss
+    image_size: int = bounded(128, ge=32, le=MAX_IMAGE_SIZE)
+    lr: float = bounded(1e-4, gt=0, le=MAX_LR)
+    encoder_lr: float = bounded(3e-5, ge=0, le=MAX_LR)
+    weight_decay: float = bounded(0.05, ge=0, le=1)
+    warmup_fraction: float = bounded(0.05, ge=0, le=1)
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
-    grad_accum: int = 1
+    grad_accum: int = bounded(1, ge=1, le=MAX_GRAD_ACCUM)
     compile: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    threads: int = 0
+    seed: int = bounded(0, ge=0, le=MAX_SEED)
+    num_workers: int = bounded(0, ge=0, le=MAX_WORKERS)
+    threads: int = bounded(0, ge=0, le=MAX_THREADS)
     text_aug: bool = True
     include_val_in_training: bool = False
     progress: bool = True
@@ -75,12 +89,9 @@ class PretrainConfig:
     objective: PretrainObjectiveConfig = field(default_factory=PretrainObjectiveConfig)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check(self.method in PRETRAIN_METHODS, f"method: {self.method!r} is not one of {sorted(PRETRAIN_METHODS)}")
-        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 2, f"batch_size must be >= 2 for a contrastive loss, got {self.batch_size}")
-        check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        check(self.image_size >= 32 and self.image_size % 16 == 0, f"image_size must be a multiple of 16 >= 32, got {self.image_size}")
-        check(self.lr > 0 and self.encoder_lr >= 0, "lr must be > 0 and encoder_lr >= 0")
+        check(self.image_size % 16 == 0, f"image_size must be a multiple of 16, got {self.image_size}")
         check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}")
 
 
@@ -126,14 +137,25 @@ def evaluate_retrieval(vlm: VisionLanguageModel, loader: DataLoader, device: tor
 
 
 def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
-    """Pre-train the VLM; writes RUN/vlm.safetensors (+ .json), metrics, curves. Returns the checkpoint path."""
+    """Pre-train the VLM; writes RUN/vlm.safetensors (+ .json), metrics, curves. Returns the checkpoint path.
+
+    The run folder is locked (`dusss.engine.runlock`) from the moment it is written until this returns or
+    raises, so that a second run on it is refused.
+    """
+    with ExitStack() as hold:
+        return _run_pretrain(cfg, overwrite, resume, hold)
+
+
+def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: ExitStack) -> Path:
+    """`run_pretrain`'s body; the run folder's lock is released when `hold` closes."""
     dist.init_from_env(cfg.device)
     device = resolve_device(cfg.device)
     set_threads(cfg.threads)
     seed_everything(cfg.seed + dist.rank())
+    inputs = [("--data", cfg.data), ("--image-encoder", cfg.vlm.image.path), ("--text-encoder", cfg.vlm.text.path)]
     # a taken output folder is reported at once (prepare_run_dir decides again, and writes, further down)
     check_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain",
-                  frozen_on_resume=("vlm", "method"))
+                  frozen_on_resume=("vlm", "method"), inputs=inputs)
     records = read_manifest(cfg.data)
     train_split = ("train", "val") if cfg.include_val_in_training else ("train",)
     train_rec = [r for r in records if r.split in train_split and r.text.strip()]
@@ -187,7 +209,7 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
 
     # Everything above only reads: a bad input fails before the run folder is created or touched.
     run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain",
-                          frozen_on_resume=("vlm", "method"))
+                          frozen_on_resume=("vlm", "method"), inputs=[*inputs, *record_files(records)], hold=hold)
     state_path = run / "state.safetensors"
     logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step = 0, 0

@@ -17,9 +17,17 @@ and run record are rewritten, nothing else is deleted; the caller starts fresh (
 config is allowed (e.g. more epochs): the changed keys are recorded in run.json and a warning is shown;
 keys the caller freezes (`frozen_on_resume`, e.g. the architecture) may not change (DusssError).
 (**) Without run.json the folder is not known to be ours, so nothing in it is deleted.
-"Clearing" removes everything inside a folder that holds run.json.
+"Clearing" removes everything inside a folder that holds run.json; an input of the command (the manifest,
+the split, the VLM checkpoint, a manifest row's image, ...) inside a folder that would be cleared is
+refused instead (DusssError naming it).
 
-Only rank 0 writes; every rank reads and takes the same decision, so errors are raised on all ranks.
+One process at a time: `prepare_run_dir` takes the folder's lock (`dusss.engine.runlock`) before it writes,
+so a second run on a folder that another live process is writing is refused (a stale lock of a dead
+process is taken over, with a warning). Pass `hold` (an ExitStack) to keep the lock until the run ends;
+without it the lock is released when the folder is prepared. A resumed or re-entered run first deletes
+the temp files a killed atomic save left behind (`.<name>.<random>.tmp`), with a warning.
+
+Only rank 0 writes and locks; every rank reads and takes the same decision, so errors are raised on all ranks.
 """
 
 from __future__ import annotations
@@ -34,14 +42,17 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dusss.engine.checkpoint import atomic_write_text
-from dusss.engine.distributed import barrier, is_main
-from dusss.errors import DataError, DusssError
+from dusss.engine.checkpoint import atomic_write_text, remove_temp_leftovers
+from dusss.engine.distributed import barrier, broadcast_object, is_main
+from dusss.engine.runlock import LOCK_FILE, RunLock, check_unlocked
+from dusss.errors import DataError, DusssError, notify
+from dusss.outputs import Inputs, inputs_inside
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -170,7 +181,10 @@ def _visible_entries(folder: Path) -> list[Path]:
 
 
 def _clear(folder: Path) -> None:
+    """Remove everything inside `folder` but its lock."""
     for p in folder.iterdir():
+        if p.name == LOCK_FILE:
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
@@ -185,7 +199,7 @@ def _plain_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
 
 
 def _decide(out: Path, cfg: dict[str, Any], overwrite: bool, resume: bool, kind: str, ignore: Iterable[str],
-            frozen_on_resume: Iterable[str]) -> tuple[dict[str, Any] | None, str, list[str]]:
+            frozen_on_resume: Iterable[str], inputs: Inputs = ()) -> tuple[dict[str, Any] | None, str, list[str]]:
     """The guard of the module docstring, read-only: (run record or None, event, changed keys) or DusssError."""
     if out.exists() and not out.is_dir():
         raise DusssError(f"{out}: exists and is not a folder")
@@ -203,6 +217,10 @@ def _decide(out: Path, cfg: dict[str, Any], overwrite: bool, resume: bool, kind:
         changed = config_diff(old_cfg or {}, cfg, ignore) if isinstance(old_cfg, dict) else ["<config missing>"]
         if overwrite:
             event = "overwritten"
+            inside = inputs_inside(out, inputs)
+            if inside is not None:
+                raise DusssError(f"{inside[1]}: is an input of this command ({inside[0]}) inside {out}, which "
+                                 "--overwrite would clear; choose another output folder")
         elif old_kind != kind:
             if resume:
                 raise DusssError(f"{out}: holds a {old_kind!r} run, cannot resume it as {kind!r}; "
@@ -236,13 +254,19 @@ def check_run_dir(
     kind: str = "train",
     ignore: Iterable[str] = (),
     frozen_on_resume: Iterable[str] = (),
+    inputs: Inputs = (),
 ) -> None:
     """Raise the DusssError `prepare_run_dir` would raise for these arguments, writing nothing.
 
-    For a loop to call before it reads data or builds models, so that a taken output folder is reported at
-    once; `prepare_run_dir` decides again (same answer) when the run actually starts. No collective ops.
+    For a loop to call before it reads data or builds models, so that a taken output folder (another run,
+    or a folder another live process has locked) is reported at once; `prepare_run_dir` decides again when
+    the run actually starts. No collective ops. The lock is rank 0's: other ranks do not look at it (under
+    torchrun, rank 0's error ends the job).
     """
-    _decide(Path(out), _plain_config(config), overwrite, resume, kind, ignore, frozen_on_resume)
+    out = Path(out)
+    _decide(out, _plain_config(config), overwrite, resume, kind, ignore, frozen_on_resume, inputs)
+    if is_main() and out.is_dir():
+        check_unlocked(out)
 
 
 def prepare_run_dir(
@@ -253,42 +277,86 @@ def prepare_run_dir(
     kind: str = "train",
     ignore: Iterable[str] = (),
     frozen_on_resume: Iterable[str] = (),
+    inputs: Inputs = (),
+    hold: ExitStack | None = None,
 ) -> Path:
     """Create or re-open run folder `out` for a run of `kind` with resolved `config` (dict or dataclass).
 
-    Applies the guard in the module docstring (a different run → one-line DusssError), then rank 0 writes
-    config.yaml, versions.json and run.json. `ignore` lists dotted config keys that do not make a run
-    different (e.g. "device", "progress"). `frozen_on_resume` lists dotted keys (or sections) that a resume
-    may not change (the architecture: its checkpoint would not load); changing one is refused before
-    anything is written. Returns the folder.
+    Applies the guard in the module docstring (a different run → one-line DusssError), takes the folder's
+    lock, then rank 0 writes config.yaml, versions.json and run.json. `ignore` lists dotted config keys that
+    do not make a run different (e.g. "device", "progress"). `frozen_on_resume` lists dotted keys (or
+    sections) that a resume may not change (the architecture: its checkpoint would not load); changing one is
+    refused before anything is written. `inputs` are the command's (what, path) inputs, refused inside a
+    folder that --overwrite would clear. The lock is released when `hold` closes (or, without `hold`, on
+    return). Returns the folder.
 
-    Under torchrun call it on every rank: it synchronises them with two barriers.
+    Under torchrun call it on every rank: it synchronises them with a broadcast and a barrier.
     """
     out = Path(out)
     cfg = _plain_config(config)
-    record, event, changed = _decide(out, cfg, overwrite, resume, kind, ignore, frozen_on_resume)
-    barrier()  # every rank has read before rank 0 writes
+    inputs = list(inputs)
+    record, event, changed = _decide(out, cfg, overwrite, resume, kind, ignore, frozen_on_resume, inputs)
+
+    # --- lock, then decide again under the lock (rank 0): another process may have written meanwhile ---
+    lock: RunLock | None = None
+    failure: DusssError | None = None
+    if is_main():
+        lock = RunLock(out)
+        try:
+            lock.acquire()
+            record, event, changed = _decide(out, cfg, overwrite, resume, kind, ignore, frozen_on_resume, inputs)
+        except DusssError as exc:
+            lock.release()
+            failure = exc
+        except BaseException:
+            lock.release()
+            raise
+    message = broadcast_object(None if failure is None else str(failure))  # every rank has read, rank 0 locked
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise DusssError(message)
 
     # --- write (rank 0) ---
     if is_main():
-        if event == "overwritten":
-            _clear(out)
-        out.mkdir(parents=True, exist_ok=True)
-        now, cmd = _now(), _command_line()
-        entry: dict[str, Any] = {"event": event, "time": now, "command": cmd}
-        if event == "resumed" and changed:
-            entry["config_changes"] = changed
-            warnings.warn(f"{out}: resuming with a changed config: {'; '.join(changed[:5])}", stacklevel=2)
-        if record is None or event == "overwritten":
-            new_record: dict[str, Any] = {"kind": kind, "created": now, "command": cmd, "history": [entry]}
+        assert lock is not None
+        try:
+            _write_run(out, cfg, kind, record, event, changed)
+        except BaseException:
+            lock.release()
+            raise
+        if hold is not None:
+            hold.callback(lock.release)
         else:
-            new_record = {**record, "kind": kind}
-            new_record["history"] = [*record.get("history", []), entry]
-        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
-        atomic_write_text(out / VERSIONS_FILE, json.dumps(collect_versions(), indent=2))
-        atomic_write_text(out / RUN_FILE, json.dumps(new_record, indent=2))
+            lock.release()
     barrier()
     return out
+
+
+def _write_run(out: Path, cfg: dict[str, Any], kind: str, record: dict[str, Any] | None, event: str,
+               changed: list[str]) -> None:
+    """Rank 0's writes of `prepare_run_dir`, under the folder's lock."""
+    if event == "overwritten":
+        _clear(out)
+    elif event in ("resumed", "reentered"):
+        removed = remove_temp_leftovers(out)
+        if removed:
+            names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
+            notify(f"{out}: removed {len(removed)} temporary file(s) left by an interrupted save ({names})")
+    out.mkdir(parents=True, exist_ok=True)
+    now, cmd = _now(), _command_line()
+    entry: dict[str, Any] = {"event": event, "time": now, "command": cmd}
+    if event == "resumed" and changed:
+        entry["config_changes"] = changed
+        warnings.warn(f"{out}: resuming with a changed config: {'; '.join(changed[:5])}", stacklevel=3)
+    if record is None or event == "overwritten":
+        new_record: dict[str, Any] = {"kind": kind, "created": now, "command": cmd, "history": [entry]}
+    else:
+        new_record = {**record, "kind": kind}
+        new_record["history"] = [*record.get("history", []), entry]
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(out / VERSIONS_FILE, json.dumps(collect_versions(), indent=2))
+    atomic_write_text(out / RUN_FILE, json.dumps(new_record, indent=2))
 
 
 def read_run(run: str | Path) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,22 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dusss.config import check, to_dict
+from dusss.config import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_GRAD_ACCUM,
+    MAX_IMAGE_SIZE,
+    MAX_LR,
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_WORKERS,
+    bounded,
+    check,
+    check_fields,
+    to_dict,
+)
 from dusss.data.datasets import SegmentationDataset
-from dusss.data.manifest import Record, read_manifest
+from dusss.data.manifest import Record, read_manifest, record_files
 from dusss.data.splits import load_split
 from dusss.engine import distributed as dist
 from dusss.engine.checkpoint import load_checkpoint, load_state_into, save_checkpoint
@@ -60,43 +74,37 @@ class TrainConfig:
     out: str = ""
     method: str = "dusss"
     vlm: str = ""
-    epochs: int = 50
-    batch_size: int = 8
-    unlabeled_batch_size: int = 0
-    image_size: int = 128
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.0
-    patience: int = 20
+    epochs: int = bounded(50, ge=1, le=MAX_EPOCHS)
+    batch_size: int = bounded(8, ge=1, le=MAX_BATCH)
+    unlabeled_batch_size: int = bounded(0, ge=0, le=MAX_BATCH)  # 0 = batch_size
+    image_size: int = bounded(128, ge=32, le=MAX_IMAGE_SIZE)
+    lr: float = bounded(3e-4, gt=0, le=MAX_LR)
+    weight_decay: float = bounded(1e-4, ge=0, le=1)
+    warmup_fraction: float = bounded(0.0, ge=0, le=1)
+    patience: int = bounded(20, ge=1, le=MAX_EPOCHS)
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
-    grad_accum: int = 1
+    grad_accum: int = bounded(1, ge=1, le=MAX_GRAD_ACCUM)
     compile: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    threads: int = 0
+    seed: int = bounded(0, ge=0, le=MAX_SEED)
+    num_workers: int = bounded(0, ge=0, le=MAX_WORKERS)
+    threads: int = bounded(0, ge=0, le=MAX_THREADS)
     augment: bool = True
     progress: bool = True
-    pseudo_label_eval_max: int = 64  # unlabeled rows with hidden masks scored each epoch (0 = none)
-    curves_every: int = CURVES_EVERY  # redraw curves.png every this many epochs (0 = only at the end)
-    threshold: float = 0.5
+    # unlabeled rows with hidden masks scored each epoch (0 = none)
+    pseudo_label_eval_max: int = bounded(64, ge=0, le=10**6)
+    # redraw curves.png every this many epochs (0 = only at the end)
+    curves_every: int = bounded(CURVES_EVERY, ge=0, le=MAX_EPOCHS)
+    threshold: float = bounded(0.5, gt=0, lt=1)
     unet: UNetConfig = field(default_factory=UNetConfig)
     semi: SegMethodConfig = field(default_factory=SegMethodConfig)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check(self.method in SEG_METHODS, f"method: {self.method!r} is not one of {sorted(SEG_METHODS)}")
-        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        check(self.unlabeled_batch_size >= 0, "unlabeled_batch_size must be >= 0 (0 = batch_size)")
-        check(self.image_size >= 32 and self.image_size % 16 == 0, f"image_size must be a multiple of 16 >= 32, got {self.image_size}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        check(self.image_size % 16 == 0, f"image_size must be a multiple of 16, got {self.image_size}")
         check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}")
-        check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")
-        check(self.curves_every >= 0, f"curves_every must be >= 0, got {self.curves_every}")
-        check(self.pseudo_label_eval_max >= 0, f"pseudo_label_eval_max must be >= 0, got {self.pseudo_label_eval_max}")
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -165,14 +173,25 @@ def pseudo_label_dice(method: Any, loader: DataLoader, device: torch.device, thr
 
 
 def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
-    """Train a student U-Net with `cfg.method`; returns the run folder (best model in RUN/model.safetensors)."""
+    """Train a student U-Net with `cfg.method`; returns the run folder (best model in RUN/model.safetensors).
+
+    The run folder is locked (`dusss.engine.runlock`) from the moment it is written until this returns or
+    raises, so that a second run on it is refused.
+    """
+    with ExitStack() as hold:
+        return _run_train(cfg, overwrite, resume, hold)
+
+
+def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack) -> Path:
+    """`run_train`'s body; the run folder's lock is released when `hold` closes."""
     dist.init_from_env(cfg.device)
     device = resolve_device(cfg.device)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
+    inputs = [("--data", cfg.data), ("--splits", cfg.splits), ("--vlm", cfg.vlm)]
     # a taken output folder is reported at once (prepare_run_dir decides again, and writes, further down)
     check_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="train",
-                  frozen_on_resume=("unet", "method"))
+                  frozen_on_resume=("unet", "method"), inputs=inputs)
     records = read_manifest(cfg.data)
     split = load_split(cfg.splits, records)
     parts = _split_records(records, split)
@@ -238,7 +257,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
 
     # Everything above only reads: a bad input fails before the run folder is created or touched.
     run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="train",
-                          frozen_on_resume=("unet", "method"))
+                          frozen_on_resume=("unet", "method"), inputs=[*inputs, *record_files(records)], hold=hold)
     if dist.is_main():
         copy_split(cfg.splits, run)
     state_path = run / "state.safetensors"

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dusss.config import check
+from dusss.config import bounded, check, check_fields
 
 __all__ = ["Mix", "PerturbConfig", "color_jitter", "cutmix", "gaussian_blur", "pseudo_targets",
            "strong_view", "teacher_view"]
@@ -34,20 +34,22 @@ class PerturbConfig:
     kept where the teacher's confidence max(p, 1 − p) ≥ `confidence` (FixMatch / UniMatch, τ = 0.95).
     """
 
-    teacher_noise: float = 0.0  # std of Gaussian noise added to the teacher's input (SSL4MIS: 0.1)
-    teacher_noise_clip: float = 0.0  # clamp of that noise to ±clip (SSL4MIS: 0.2); 0 = no clamp
+    teacher_noise: float = bounded(0.0, ge=0, le=10)  # std of Gaussian noise on the teacher's input (SSL4MIS: 0.1)
+    teacher_noise_clip: float = bounded(0.0, ge=0, le=10)  # clamp of that noise to ±clip (SSL4MIS: 0.2); 0 = none
     strong: bool = False  # student sees the strong view (the photometric changes + CutMix below)
-    jitter_p: float = 0.8  # probability of brightness / contrast / gamma jitter per image
-    brightness: float = 0.4  # additive brightness shift uniform in ±brightness/2
-    contrast: float = 0.4  # contrast factor uniform in [1 − contrast, 1 + contrast]
-    gamma: float = 0.3  # gamma uniform in [1 − gamma, 1 + gamma]
-    blur_p: float = 0.5  # probability of a Gaussian blur per image
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur σ range in pixels (UniMatch)
-    cutmix_p: float = 0.5  # probability of a CutMix box per image (partner: the next image of the batch)
-    cutmix_area: tuple[float, float] = (0.02, 0.4)  # box area as a fraction of the image (UniMatch)
-    feature_dropout: float = 0.0  # Dropout2d on the student's encoder features (UniMatch's FP stream: 0.5)
+    jitter_p: float = bounded(0.8, ge=0, le=1)  # probability of brightness / contrast / gamma jitter per image
+    brightness: float = bounded(0.4, ge=0, le=1)  # additive brightness shift uniform in ±brightness/2
+    contrast: float = bounded(0.4, ge=0, lt=1)  # contrast factor uniform in [1 − contrast, 1 + contrast]
+    gamma: float = bounded(0.3, ge=0, lt=1)  # gamma uniform in [1 − gamma, 1 + gamma]
+    blur_p: float = bounded(0.5, ge=0, le=1)  # probability of a Gaussian blur per image
+    blur_sigma: tuple[float, float] = bounded((0.1, 2.0), gt=0, le=100)  # blur σ range in pixels (UniMatch)
+    # probability of a CutMix box per image (partner: the next image of the batch)
+    cutmix_p: float = bounded(0.5, ge=0, le=1)
+    cutmix_area: tuple[float, float] = bounded((0.02, 0.4), gt=0, le=1)  # box area / image area (UniMatch)
+    # Dropout2d on the student's encoder features (UniMatch's FP stream: 0.5)
+    feature_dropout: float = bounded(0.0, ge=0, lt=1)
     pseudo_label: Literal["soft", "hard"] = "soft"
-    confidence: float = 0.95  # τ for hard pseudo-labels
+    confidence: float = bounded(0.95, ge=0.5, lt=1)  # τ for hard pseudo-labels
     # BatchNorm running statistics from perturbed passes (strong views, dropped features): False (ours) keeps
     # them to the clean passes, the distribution eval mode sees; True = the authors' code (every pass updates)
     bn_update_perturbed: bool = False
@@ -58,23 +60,14 @@ class PerturbConfig:
         return self.strong or self.feature_dropout > 0
 
     def __post_init__(self) -> None:
-        check(self.teacher_noise >= 0, f"perturb.teacher_noise must be >= 0, got {self.teacher_noise}")
-        check(self.teacher_noise_clip >= 0, f"perturb.teacher_noise_clip must be >= 0, got {self.teacher_noise_clip}")
-        for name in ("jitter_p", "blur_p", "cutmix_p"):
-            v = getattr(self, name)
-            check(0 <= v <= 1, f"perturb.{name} must be in [0, 1], got {v}")
-        check(0 <= self.brightness <= 1, f"perturb.brightness must be in [0, 1], got {self.brightness}")
-        check(0 <= self.contrast < 1, f"perturb.contrast must be in [0, 1), got {self.contrast}")
-        check(0 <= self.gamma < 1, f"perturb.gamma must be in [0, 1), got {self.gamma}")
+        check_fields(self, "perturb")
         self.blur_sigma = tuple(float(v) for v in self.blur_sigma)  # type: ignore[assignment]
         self.cutmix_area = tuple(float(v) for v in self.cutmix_area)  # type: ignore[assignment]
-        check(len(self.blur_sigma) == 2 and 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+        check(len(self.blur_sigma) == 2 and self.blur_sigma[0] <= self.blur_sigma[1],
               f"perturb.blur_sigma must be [low, high] with 0 < low <= high, got {list(self.blur_sigma)}")
-        check(len(self.cutmix_area) == 2 and 0 < self.cutmix_area[0] <= self.cutmix_area[1] <= 1,
+        check(len(self.cutmix_area) == 2 and self.cutmix_area[0] <= self.cutmix_area[1],
               f"perturb.cutmix_area must be [low, high] in (0, 1], got {list(self.cutmix_area)}")
-        check(0 <= self.feature_dropout < 1, f"perturb.feature_dropout must be in [0, 1), got {self.feature_dropout}")
         check(self.pseudo_label in ("soft", "hard"), f"perturb.pseudo_label must be soft or hard, got {self.pseudo_label!r}")
-        check(0.5 <= self.confidence < 1, f"perturb.confidence must be in [0.5, 1), got {self.confidence}")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dusss.config import check
+from dusss.config import MAX_WEIGHT, bounded, check_fields
 from dusss.engine import distributed as dist
 from dusss.errors import ConfigError
 from dusss.losses.contrastive import (
@@ -53,29 +53,24 @@ class PretrainObjectiveConfig:
     """
 
     sss: bool = True
-    sss_lambda: float = 0.2
-    sss_a: float = 1.0 / 200.0
-    sss_b: float = 4.0
-    sss_eps: float = 1e-6
+    sss_lambda: float = bounded(0.2, ge=0, le=MAX_WEIGHT)
+    sss_a: float = bounded(1.0 / 200.0, gt=0, le=MAX_WEIGHT)
+    sss_b: float = bounded(4.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
+    sss_eps: float = bounded(1e-6, gt=0, le=1)
     detach_sss: bool = False
     dcl: bool = True
-    imc_weight: float = 1.0
-    imc_local_weight: float = 0.0
-    w2_infonce_weight: float = 0.0
-    vib_weight: float = 0.0
-    amvlm_ori_weight: float = 1.0
-    amvlm_css_weight: float = 0.5
-    amvlm_local_weight: float = 0.1
-    amvlm_icl_weight: float = 0.1
+    imc_weight: float = bounded(1.0, ge=0, le=MAX_WEIGHT)
+    imc_local_weight: float = bounded(0.0, ge=0, le=MAX_WEIGHT)
+    w2_infonce_weight: float = bounded(0.0, ge=0, le=MAX_WEIGHT)
+    vib_weight: float = bounded(0.0, ge=0, le=MAX_WEIGHT)
+    amvlm_ori_weight: float = bounded(1.0, ge=0, le=MAX_WEIGHT)
+    amvlm_css_weight: float = bounded(0.5, ge=0, le=MAX_WEIGHT)
+    amvlm_local_weight: float = bounded(0.1, ge=0, le=MAX_WEIGHT)
+    amvlm_icl_weight: float = bounded(0.1, ge=0, le=MAX_WEIGHT)
     amvlm_attention_weights: bool = True
 
     def __post_init__(self) -> None:
-        check(self.sss_lambda >= 0, f"objective.sss_lambda must be >= 0, got {self.sss_lambda}")
-        check(self.sss_a > 0, f"objective.sss_a must be > 0, got {self.sss_a}")
-        check(self.sss_eps > 0, f"objective.sss_eps must be > 0, got {self.sss_eps}")
-        for name in ("imc_weight", "imc_local_weight", "w2_infonce_weight", "vib_weight", "amvlm_ori_weight",
-                     "amvlm_css_weight", "amvlm_local_weight", "amvlm_icl_weight"):
-            check(getattr(self, name) >= 0, f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        check_fields(self, "objective")
 
 
 def _cls_gaussian(mu: torch.Tensor, logsigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,8 @@
 """Image encoders for the VLM: a transformers ViT/DeiT (random init or a local folder) and EfficientNet-Lite0.
 
+Weights of a local Hugging Face folder are read from safetensors only (`require_safetensors`): a folder
+holding only pickled weights (pytorch_model.bin) is refused, never unpickled.
+
 Every encoder takes RGB images in [0,1] `[B,3,H,W]`, normalises them itself, and returns
 `EncoderOutput(cls [B,D_cls], tokens [B,N,D], grid (h, w))` with N = h*w patch tokens in row-major order.
 `out_dim` is the token width D and `cls_dim` the width of `cls` (equal for ViT; 1280 vs 112 for
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dusss.config import check
+from dusss.config import MAX_IMAGE_SIZE, bounded, check, check_fields
 from dusss.errors import CheckpointError, ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,31 +38,27 @@ class ImageEncoderConfig:
     kind: str = "vit"
     path: str | None = None
     random_init: bool = False
-    image_size: int = 128
-    patch_size: int = 16
-    hidden_size: int = 192
-    num_layers: int = 4
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    image_size: int = bounded(128, ge=16, le=MAX_IMAGE_SIZE)
+    patch_size: int = bounded(16, ge=1, le=1024)
+    hidden_size: int = bounded(192, ge=1, le=16384)
+    num_layers: int = bounded(4, ge=1, le=256)
+    num_heads: int = bounded(3, ge=1, le=1024)
+    mlp_ratio: float = bounded(4.0, gt=0, le=64)
+    dropout: float = bounded(0.0, ge=0, lt=1)
     cnn_cls: str = "head"
-    drop_connect: float = 0.0
+    drop_connect: float = bounded(0.0, ge=0, lt=1)
     # EfficientNet BatchNorm momentum in fine-tuning. The TF original's 0.01 keeps 37 % of the ImageNet
     # statistics after 100 steps, so eval-mode features of a short run on new images lag the train-mode ones;
     # PyTorch's 0.1 adapts within ~20 steps.
-    bn_momentum: float = 0.1
+    bn_momentum: float = bounded(0.1, gt=0, le=1)
 
     def __post_init__(self) -> None:
+        check_fields(self, "image")
         check(self.kind in IMAGE_KINDS, f"image.kind: {self.kind!r} is not one of {list(IMAGE_KINDS)}")
-        check(self.image_size >= 16, f"image.image_size must be >= 16, got {self.image_size}")
-        check(self.patch_size >= 1 and self.image_size % self.patch_size == 0,
+        check(self.image_size % self.patch_size == 0,
               f"image.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
-        check(self.hidden_size >= 1 and self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
+        check(self.hidden_size % self.num_heads == 0,
               f"image.hidden_size {self.hidden_size} must be a positive multiple of num_heads {self.num_heads}")
-        check(self.num_layers >= 1, f"image.num_layers must be >= 1, got {self.num_layers}")
-        check(self.mlp_ratio > 0, "image.mlp_ratio must be > 0")
-        check(0.0 <= self.dropout < 1.0 and 0.0 <= self.drop_connect < 1.0, "image dropout rates must be in [0,1)")
-        check(0.0 < self.bn_momentum <= 1.0, f"image.bn_momentum must be in (0, 1], got {self.bn_momentum}")
         check(self.cnn_cls in ("head", "stride16"), f"image.cnn_cls must be 'head' or 'stride16', got {self.cnn_cls!r}")
         check(self.kind != "efficientnet_lite0" or self.path is None,
               "image.path is only for kind 'vit' (EfficientNet-Lite0 weights come from its package)")
@@ -90,6 +89,17 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+
+
+def require_safetensors(folder: Path) -> None:
+    """CheckpointError naming `folder` unless it holds safetensors weights: pickled weights
+    (pytorch_model.bin, *.pt, *.ckpt) are never loaded, since unpickling runs code from the file."""
+    if any(folder.glob("*.safetensors")):
+        return
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5"))
+    found = f"found only {', '.join(others)}" if others else "found no weights"
+    raise CheckpointError(f"{folder}: no *.safetensors weights ({found}); pickled weights are never loaded: "
+                          "re-save the model with save_pretrained(..., safe_serialization=True)")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -127,9 +137,11 @@ class ViTImageEncoder(nn.Module):
                 if cfg.random_init:
                     self.model = model_cls(conf, add_pooling_layer=False)
                 else:
+                    require_safetensors(folder)
                     try:
                         self.model = model_cls.from_pretrained(
-                            folder, local_files_only=True, trust_remote_code=False, add_pooling_layer=False
+                            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                            add_pooling_layer=False,
                         )
                     except (OSError, ValueError) as exc:
                         raise CheckpointError(f"{folder}: cannot load weights ({str(exc).splitlines()[0]})") from None

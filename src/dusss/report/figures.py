@@ -61,9 +61,20 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(as_float_rgb(a) * 255.0).astype(np.uint8)
 
 
+def squeeze2d(a: np.ndarray) -> np.ndarray:
+    """Drop singleton axes down to 2-D, a trailing (channel) one first: `[H,W,1]`, `[1,H,W]`, `[1,1,H,W]` →
+    `[H,W]`. Unlike `np.squeeze` it keeps a side of 1 (a 1xW or 1x1 image stays 2-D)."""
+    m = np.asarray(a)
+    while m.ndim > 2 and (m.shape[-1] == 1 or m.shape[0] == 1):
+        m = m[..., 0] if m.shape[-1] == 1 else m[0]
+    return m
+
+
 def _mask2d(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     m = np.asarray(mask)
-    m = np.squeeze(m)
+    if m.ndim != 2 and m.size == shape[0] * shape[1]:  # [1,H,W], [H,W,1] ... of the image: no guessing
+        m = m.reshape(shape)
+    m = squeeze2d(m)
     if m.ndim != 2:
         raise ValueError(f"expected a mask [H,W], got shape {np.asarray(mask).shape}")
     m = m.astype(np.float32) / 255.0 if m.dtype == np.uint8 and m.max(initial=0) > 1 else m.astype(np.float32)
@@ -93,7 +104,7 @@ def _erode(m: np.ndarray) -> np.ndarray:
 
 def contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     """Boolean inner boundary of `mask > 0.5`, `thickness` pixels wide."""
-    m = np.squeeze(np.asarray(mask))
+    m = squeeze2d(mask)
     m = (m > 127) if m.dtype == np.uint8 and m.max(initial=0) > 1 else (m.astype(np.float32) > 0.5)
     inner = m
     for _ in range(max(1, int(thickness))):
@@ -128,7 +139,7 @@ def heatmap(image: np.ndarray, prob_map: np.ndarray, alpha: float = 0.5, normali
     `normalize=True` stretches the map's min..max to 0..1 first (for similarity maps not in [0,1]).
     """
     img = as_float_rgb(image)
-    p = np.squeeze(np.asarray(prob_map, dtype=np.float32))
+    p = squeeze2d(np.asarray(prob_map, dtype=np.float32))
     if p.ndim != 2:
         raise ValueError(f"expected a map [H,W], got shape {np.asarray(prob_map).shape}")
     p = np.nan_to_num(p)
