@@ -24,8 +24,10 @@ setup: $(DEV_STAMP)
 demo: $(STAMP)
 	$(BIN)/dusss demo --out runs/demo
 
+# two pytest workers of one thread each (the machine has 2 cores); a test file stays on one worker (its module
+# fixtures are built once; tests/conftest.py names the exceptions); the 20 slowest tests are listed at the end
 test: $(DEV_STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20 tests
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
