@@ -441,6 +441,21 @@ def test_warmup_fits_the_text_mask_on_labeled_images_and_leaves_the_student_alon
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
+def test_warmup_step_without_usable_rows_still_joins_the_gradient_sync_and_moves_nothing() -> None:
+    """A rank whose batch has no mask left (all held out or unlabeled) must still take part in the
+    all-reduce the other ranks start, with no gradient of its own; in one process it changes nothing."""
+    method, _, _ = _build("dusss", text_mask_lr=1e-2, tg_weight=0.0)
+    batch = _batch(4, 0, True)
+    batch["has_mask"] = torch.zeros(4, dtype=torch.bool)
+    params = method.text_mask.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    seen: list[list[bool]] = []
+    method.warmup(iter([batch] * 3), 3, lr=1e-3, weight_decay=0.1,
+                  sync=lambda ps: seen.append([p.grad is None for p in ps]))
+    assert len(seen) == 3 and all(all(s) for s in seen)  # one sync per step, no local gradient
+    assert all(torch.equal(b, p) for b, p in zip(before, params))  # weight decay did not act either
+
+
 def test_sub_reports_swap_in_the_report_and_mask_of_a_subset_of_the_lesions() -> None:
     from dusss.data.caption import caption_mask
 
@@ -461,6 +476,39 @@ def test_sub_reports_swap_in_the_report_and_mask_of_a_subset_of_the_lesions() ->
     same_texts, same_y, none = off._sub_reports(batch["text"], batch["mask"], batch["has_mask"])
     assert not bool(none.any())
     assert same_texts == batch["text"] and torch.equal(same_y, batch["mask"])
+
+
+def test_text_dice_on_empty_false_keeps_only_bce_on_empty_targets() -> None:
+    from dusss.losses.segmentation import dice_loss, soft_bce
+
+    z = torch.randn(2, 1, S, S)
+    y = torch.zeros(2, 1, S, S)
+    y[0, :, 2:6, 2:6] = 1.0  # row 1 has an empty target
+    has = torch.ones(2, dtype=torch.bool)
+    bce, dice = soft_bce(z, y, reduction="none"), dice_loss(z, y, reduction="none")
+    on, _, _ = _build("dusss")
+    off, _, _ = _build("dusss", text_dice_on_empty=False)
+    torch.testing.assert_close(on._text_supervised(z, y, has), (0.5 * (bce + dice)).mean())
+    torch.testing.assert_close(off._text_supervised(z, y, has), (0.5 * (bce[0] + dice[0]) + 0.5 * bce[1]) / 2)
+
+
+def test_swap_reports_give_the_next_image_s_report_and_the_lesions_it_describes() -> None:
+    from dusss.data.caption import described_lesions
+
+    batch = _batch(6, 1, True)
+    has = torch.tensor([True, True, False, True, True, True])
+    method, _, _ = _build("dusss", text_swap_reports=1.0)
+    texts, y, replaced = method._sub_reports(batch["text"], batch["mask"], has)
+    assert replaced.tolist() == has.tolist()  # every row with a mask, none without
+    rows = [0, 1, 3, 4, 5]
+    for pos, i in enumerate(rows):
+        j = rows[(pos + 1) % len(rows)]  # the next row with a mask, cyclically (row 2 has none)
+        text, target = described_lesions(batch["mask"][i, 0].numpy(), batch["mask"][j, 0].numpy())
+        assert texts[i] == text and torch.equal(y[i, 0], torch.from_numpy(target).float())
+    assert texts[2] == batch["text"][2] and torch.equal(y[2], batch["mask"][2])
+    alone = torch.tensor([True, False, False, False, False, False])  # no other image to take a report from
+    same_texts, _, none = method._sub_reports(batch["text"], batch["mask"], alone)
+    assert not bool(none.any()) and same_texts == batch["text"]
 
 
 
@@ -485,6 +533,37 @@ def test_gain_gate_opens_only_while_the_merge_beats_the_teacher_on_labeled_image
     assert float(method.text_gain) < 0 and not method.text_gate_open()
     state = method.state_dict()
     assert state["text_gain"].item() == pytest.approx(float(method.text_gain))
+
+
+def test_gain_gate_averages_the_gain_over_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.distributed every rank all-reduces [gain sum, image count], also a rank with no held-out
+    image (else the collective would hang), so all ranks keep one `text_gain`."""
+    import torch.distributed as tdist
+
+    method, _, _ = _build("dusss", rampup_fraction=0.0)
+    x, y = torch.rand(2, 3, S, S), torch.zeros(2, 1, S, S)
+    y[:, :, 4:12, 4:12] = 1.0
+    with torch.no_grad():
+        method.teacher.module.outc.weight.zero_()
+        method.teacher.module.outc.bias.fill_(3.0)
+    text = torch.full_like(y, -20.0)
+    text[y > 0] = 20.0
+    calls: list[torch.Tensor] = []
+
+    def all_reduce(t: torch.Tensor) -> None:  # the other rank: 2 images with gain −0.5 each
+        calls.append(t.clone())
+        t += torch.tensor([-1.0, 2.0], dtype=t.dtype)
+
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "all_reduce", all_reduce)
+    method._update_text_gain(x, text, y, torch.ones(2, dtype=torch.bool))
+    g = 1 - 128 / 1088  # this rank's per-image gain (previous test)
+    assert calls[0].tolist() == pytest.approx([2 * g, 2.0])
+    assert float(method.text_gain) == pytest.approx(0.1 * (2 * g - 1.0) / 4, abs=1e-6)
+    before = float(method.text_gain)
+    method._update_text_gain(x, text, y, torch.zeros(2, dtype=torch.bool))  # no image here: still reduces
+    assert calls[1].tolist() == [0.0, 0.0]
+    assert float(method.text_gain) == pytest.approx(0.9 * before + 0.1 * (-0.5), abs=1e-6)
 
 
 def test_gate_holdout_is_a_fixed_share_of_keys_left_out_of_the_text_term() -> None:

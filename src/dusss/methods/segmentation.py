@@ -44,9 +44,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dusss.config import check
+from dusss.config import MAX_LR, MAX_WEIGHT, bounded, check, check_fields
 from dusss.errors import CheckpointError, ConfigError
-from dusss.losses.segmentation import consistency_loss, merge_logits, seg_loss, semi_loss
+from dusss.losses.segmentation import consistency_loss, merge_logits, seg_loss, semi_loss, soft_bce
 from dusss.methods.perturb import Mix, PerturbConfig, pseudo_targets, strong_view, teacher_view
 from dusss.models.batchnorm import frozen_running_stats
 from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
@@ -73,9 +73,9 @@ __all__ = [
 class SegMethodConfig:
     """Step-2 method settings (defaults: METHOD §3.7 recommendations; the paper gives no weights)."""
 
-    consistency_weight: float = 1.0  # λ_max
-    rampup_fraction: float = 0.4  # T_r as a fraction of all optimizer steps; 0 = no ramp-up (the code)
-    ema_decay: float = 0.99  # α of eq 13 (warm-up min(1 − 1/(t+1), α))
+    consistency_weight: float = bounded(1.0, ge=0, le=MAX_WEIGHT)  # λ_max
+    rampup_fraction: float = bounded(0.4, ge=0, le=1)  # T_r as a fraction of all optimizer steps; 0 = no ramp-up (the code)
+    ema_decay: float = bounded(0.99, ge=0, lt=1)  # α of eq 13 (warm-up min(1 − 1/(t+1), α))
     ema_buffers: Literal["copy", "ema"] = "ema"  # BN running stats EMA-averaged with the weights, or copied
     # How the EMA teacher's BatchNorm normalises: with each batch's own statistics (SSL4MIS, the DuSSS code) or
     # with its running statistics (eval mode; the teacher then lags badly: docs/method-notes.md)
@@ -88,25 +88,35 @@ class SegMethodConfig:
     merge: Literal["logit", "prob"] = "logit"  # "prob" = repro of the code's probability-space merge (S3)
     # L_tg (eq 12). 0 by default: beside the supervised text term it keeps the text mask empty (weight 1: text
     # Dice 0.12 = no lesion found; 0.1: 0.08-0.33; 0: 0.38-0.43 on the phantom set, docs/benchmarks.md).
-    tg_weight: float = 0.0
-    text_supervised_weight: float = 1.0  # ℓ(z_text, y) on labeled images
+    tg_weight: float = bounded(0.0, ge=0, le=MAX_WEIGHT)
+    text_supervised_weight: float = bounded(1.0, ge=0, le=MAX_WEIGHT)  # ℓ(z_text, y) on labeled images
     # ℓ of the supervised text term: Dice + BCE survives the class imbalance (BCE alone fits an empty mask)
     text_supervised_loss: Literal["dice_bce", "bce"] = "dice_bce"
-    text_mask_lr: float = 1e-2  # learning rate of f_g, κ, β, κ_m, β_m and the L_tg scale; 0 = the run's lr
+    text_mask_lr: float = bounded(1e-2, ge=0, le=MAX_LR)  # learning rate of f_g, κ, β, κ_m, β_m and the L_tg scale; 0 = the run's lr
     # Optimizer steps fitting the text-mask generator on the labeled images (ℓ_text + L_tg) before Step 2,
     # so that the text gate can open from the start; 0 = none (the paper).
-    text_warmup_steps: int = 300
+    text_warmup_steps: int = bounded(300, ge=0, le=10**7)
     # Share of the labeled images whose supervised text term uses a *sub-report*: the report (`caption_mask`,
     # QaTa style) of a random subset of their lesions, each kept with probability ½, against the mask of that
     # subset (no lesion kept: "No pulmonary infection." and an empty mask). It teaches the generator that the
     # report chooses where the mask lights up. Only for reports in the style `caption_mask` writes (the phantom
     # set, QaTa); 0 = off (the paper).
-    text_sub_reports: float = 0.0
+    text_sub_reports: float = bounded(0.0, ge=0, le=1)
+    # Share of the labeled images (of those not given a sub-report) whose supervised text term uses a
+    # *counterfactual report*: the report of the next labeled image of the batch, against the image's own lesions
+    # that this report describes (`caption.described_lesions`: lung and zones named; often none). Unlike
+    # sub-reports it also shows single-lesion images under a report that points elsewhere. Same report style
+    # condition as `text_sub_reports`; 0 = off.
+    text_swap_reports: float = bounded(0.0, ge=0, le=1)
+    # With `text_supervised_loss: dice_bce`: False drops the Dice half of ℓ_text on images whose (sub- or
+    # counterfactual) target is empty, leaving their BCE half. Per-image Dice with an empty target is
+    # 1 − 1/(Σσ(z) + 1): it pushes the whole mask towards empty, and counterfactual reports make many such rows.
+    text_dice_on_empty: bool = True
     # With `text_gate: dice` only: the text mask enters L_semi (merge + eq 17) once its running Dice on the
     # labeled images reaches this value; before that L_semi^merged uses the teacher alone. 0 = always on (the
     # paper).
-    text_gate_dice: float = 0.3
-    text_gate_momentum: float = 0.9  # EMA of the gate's measurements on labeled batches
+    text_gate_dice: float = bounded(0.3, ge=0, le=1)
+    text_gate_momentum: float = bounded(0.9, ge=0, lt=1)  # EMA of the gate's measurements on labeled batches
     # What opens the text gate. "gain" (default): the merged label's Dice on the labeled images (teacher on the
     # weak view + text mask, own reports) beats the teacher's own, as a running mean over batches (> 0); the
     # text mask then only enters the pseudo-label while it measurably repairs it. "dice": the text mask's own
@@ -116,14 +126,12 @@ class SegMethodConfig:
     # With the gain gate: the share of the labeled images (chosen by a hash of their key) that the text-mask
     # generator never trains on, so that the gain is measured on images it has not fitted (on its own training
     # images it looked better than on unseen ones and kept the gate open while the merge hurt).
-    text_gate_holdout: float = 0.25
+    text_gate_holdout: float = bounded(0.25, ge=0, lt=1)
     text_mask: TextMaskConfig = field(default_factory=lambda: TextMaskConfig(skip_channels=16))
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
     def __post_init__(self) -> None:
-        check(self.consistency_weight >= 0, f"consistency_weight must be >= 0, got {self.consistency_weight}")
-        check(0 <= self.rampup_fraction <= 1, f"rampup_fraction must be in [0, 1], got {self.rampup_fraction}")
-        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_fields(self, "semi")
         check(self.ema_buffers in ("copy", "ema"), f"ema_buffers must be copy or ema, got {self.ema_buffers!r}")
         check(self.teacher_norm in ("batch", "running"),
               f"teacher_norm must be batch or running, got {self.teacher_norm!r}")
@@ -136,20 +144,9 @@ class SegMethodConfig:
         check(not (self.student_forward == "joint" and self.perturb.feature_dropout > 0),
               "perturb.feature_dropout needs student_forward: separate (it perturbs the unlabeled pass only)")
         check(self.merge in ("logit", "prob"), f"merge must be logit or prob, got {self.merge!r}")
-        check(self.tg_weight >= 0, f"tg_weight must be >= 0, got {self.tg_weight}")
-        check(
-            self.text_supervised_weight >= 0,
-            f"text_supervised_weight must be >= 0, got {self.text_supervised_weight}",
-        )
         check(self.text_supervised_loss in ("dice_bce", "bce"),
               f"text_supervised_loss must be dice_bce or bce, got {self.text_supervised_loss!r}")
-        check(self.text_mask_lr >= 0, f"text_mask_lr must be >= 0 (0 = the run's lr), got {self.text_mask_lr}")
-        check(self.text_warmup_steps >= 0, f"text_warmup_steps must be >= 0, got {self.text_warmup_steps}")
-        check(0 <= self.text_sub_reports <= 1, f"text_sub_reports must be in [0, 1], got {self.text_sub_reports}")
-        check(0 <= self.text_gate_dice <= 1, f"text_gate_dice must be in [0, 1], got {self.text_gate_dice}")
         check(self.text_gate in ("gain", "dice"), f"text_gate must be gain or dice, got {self.text_gate!r}")
-        check(0 <= self.text_gate_holdout < 1, f"text_gate_holdout must be in [0, 1), got {self.text_gate_holdout}")
-        check(0 <= self.text_gate_momentum < 1, f"text_gate_momentum must be in [0, 1), got {self.text_gate_momentum}")
 
 
 SEG_METHODS: dict[str, type[SegMethod]] = {}
@@ -542,29 +539,56 @@ class DuSSSMethod(MeanTeacherMethod):
     def _sub_reports(self, texts: list[str], y: torch.Tensor,
                      has: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(texts, masks, replaced) of the labeled images with a `text_sub_reports` share of them replaced by the
-        report and mask of a random subset of their lesions (drawn from torch's RNG, so a seeded run repeats)."""
+        report and mask of a random subset of their lesions, then a `text_swap_reports` share of the others by a
+        counterfactual report (`_swap_reports`); drawn from torch's RNG, so a seeded run repeats."""
         replaced = torch.zeros(len(texts), dtype=torch.bool, device=y.device)
         p = self.cfg.text_sub_reports
-        if p <= 0:
+        if p <= 0 and self.cfg.text_swap_reports <= 0:
             return texts, y, replaced
         from dusss.data.caption import sub_report
 
+        original = y
         texts, y = list(texts), y.clone()
-        chosen = (torch.rand(len(texts)) < p).tolist()
-        for i in range(len(texts)):
-            if chosen[i] and bool(has[i]):
-                keep = (torch.rand(MAX_SUB_REPORT_REGIONS) < 0.5).numpy()
-                texts[i], sub = sub_report(y[i, 0].detach().cpu().numpy(), keep)
-                y[i, 0] = torch.from_numpy(sub).to(y.dtype)
-                replaced[i] = True
+        if p > 0:
+            chosen = (torch.rand(len(texts)) < p).tolist()
+            for i in range(len(texts)):
+                if chosen[i] and bool(has[i]):
+                    keep = (torch.rand(MAX_SUB_REPORT_REGIONS) < 0.5).numpy()
+                    texts[i], sub = sub_report(y[i, 0].detach().cpu().numpy(), keep)
+                    y[i, 0] = torch.from_numpy(sub).to(y.dtype)
+                    replaced[i] = True
+        if self.cfg.text_swap_reports > 0:
+            self._swap_reports(texts, y, original, has, replaced)
         return texts, y, replaced
+
+    def _swap_reports(self, texts: list[str], y: torch.Tensor, original: torch.Tensor, has: torch.Tensor,
+                      replaced: torch.Tensor) -> None:
+        """In place: a `text_swap_reports` share of the rows with a mask and no sub-report gets the report of the
+        next row with a mask (cyclically, from its `original` mask) and, as target, its own lesions that report
+        describes; `replaced` marks them."""
+        from dusss.data.caption import described_lesions
+
+        rows = torch.nonzero(has).flatten().tolist()
+        chosen = (torch.rand(len(texts)) < self.cfg.text_swap_reports).tolist()
+        for pos, i in enumerate(rows):
+            if not chosen[i] or bool(replaced[i]) or len(rows) < 2:
+                continue
+            j = rows[(pos + 1) % len(rows)]
+            texts[i], target = described_lesions(original[i, 0].detach().cpu().numpy(),
+                                                 original[j, 0].detach().cpu().numpy())
+            y[i, 0] = torch.from_numpy(target).to(y.dtype)
+            replaced[i] = True
 
     def _text_supervised(self, z_text: torch.Tensor, y: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
         """ℓ_text(z_text, y) over the images with a mask (`text_supervised_loss`); updates the running Dice of
         the text mask on them (the text gate's reliability)."""
         from dusss.metrics import dice_score
 
-        loss = _masked_mean(seg_loss(z_text, y, self.cfg.text_supervised_loss, reduction="none"), has)
+        per_image = seg_loss(z_text, y, self.cfg.text_supervised_loss, reduction="none")
+        if self.cfg.text_supervised_loss == "dice_bce" and not self.cfg.text_dice_on_empty:
+            empty = y.flatten(1).sum(1) == 0
+            per_image = torch.where(empty, 0.5 * soft_bce(z_text, y, reduction="none"), per_image)
+        loss = _masked_mean(per_image, has)
         if bool(has.any()):
             batch_dice = dice_score(torch.sigmoid(z_text.detach()[has]).cpu(), y[has].cpu(),
                                     empty_policy="one").nanmean()
@@ -588,6 +612,12 @@ class DuSSSMethod(MeanTeacherMethod):
             x, y, has, texts = self._unpack(batch)
             has = has & ~self._gate_holdout(batch, len(texts))
             if y is None or not bool(has.any()):
+                # Nothing to fit here; still join the gradient average (zeros) that the other ranks start, or
+                # the collective would hang. In one process every gradient stays None and AdamW skips them all.
+                opt.zero_grad(set_to_none=True)
+                if sync is not None:
+                    sync(params)
+                opt.step()
                 continue
             texts, y, _ = self._sub_reports(texts, y, has)
             out = self.text_mask(x, texts, with_tg=cfg.tg_weight > 0)
@@ -614,18 +644,28 @@ class DuSSSMethod(MeanTeacherMethod):
 
     @torch.no_grad()
     def _update_text_gain(self, x: torch.Tensor, z_text: torch.Tensor, y: torch.Tensor, use: torch.Tensor) -> None:
-        """Running mean of Dice(merged) − Dice(teacher) over the labeled images `use` (own reports, masks)."""
-        if not bool(use.any()):
-            return
+        """Running mean of Dice(merged) − Dice(teacher) over the labeled images `use` (own reports, masks).
+
+        Under torch.distributed the step's gain is the mean over every rank's images (one all-reduce of the sum
+        and the count), so all ranks hold the same `text_gain` and open the gate together."""
         from dusss.metrics import dice_score
 
-        z_t = self._teacher_logits(x[use])
-        merged = merge_logits(z_t, z_text.detach()[use].to(z_t.dtype), self.cfg.merge)
-        target = y[use].cpu()
-        gain = (dice_score(torch.sigmoid(merged.float()).cpu(), target, empty_policy="one")
-                - dice_score(torch.sigmoid(z_t.float()).cpu(), target, empty_policy="one")).mean()
+        total = torch.zeros(2, dtype=torch.float64)  # [sum of per-image gains, number of images]
+        if bool(use.any()):
+            z_t = self._teacher_logits(x[use])
+            merged = merge_logits(z_t, z_text.detach()[use].to(z_t.dtype), self.cfg.merge)
+            target = y[use].cpu()
+            gains = (dice_score(torch.sigmoid(merged.float()).cpu(), target, empty_policy="one")
+                     - dice_score(torch.sigmoid(z_t.float()).cpu(), target, empty_policy="one"))
+            total = torch.stack([gains.double().sum(), torch.tensor(float(gains.numel()), dtype=torch.float64)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            total = total.to(self.device)
+            torch.distributed.all_reduce(total)
+            total = total.cpu()
+        if total[1] == 0:
+            return
         m = self.cfg.text_gate_momentum
-        self.text_gain = m * self.text_gain + (1 - m) * gain.float()
+        self.text_gain = m * self.text_gain + (1 - m) * (total[0] / total[1]).float()
 
     def loss(
         self,
