@@ -223,3 +223,88 @@ def test_with_coordinates_appends_row_and_column_in_minus_one_to_one() -> None:
     assert out.shape == (2, 5, 3, 5)
     torch.testing.assert_close(out[1, 3, :, 0], torch.tensor([-1.0, 0.0, 1.0]))
     torch.testing.assert_close(out[0, 4, 2], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))
+
+
+def _conditioned_pair(condition: str) -> tuple[TextMaskGenerator, TextMaskGenerator]:
+    """(unconditioned, conditioned) generators over one VLM with the same decoder weights."""
+    torch.manual_seed(0)
+    vlm = BagOfWordsVLM()
+    plain = TextMaskGenerator(vlm, TextMaskConfig(skip_channels=4))
+    cond = TextMaskGenerator(vlm, TextMaskConfig(skip_channels=4, text_condition=condition, prior_grid=4))
+    cond.load_state_dict(plain.state_dict(), strict=False)  # the new parts keep their zero init
+    with torch.no_grad():  # skip projections away from 0, so that the image features matter
+        for proj in (plain.decoder.skips, cond.decoder.skips):
+            for p in proj.parameters():
+                p.copy_(torch.full_like(p, 0.05))
+    return plain, cond
+
+
+@pytest.mark.parametrize("condition", ["film", "prior"])
+def test_text_conditioned_generator_equals_the_unconditioned_one_at_init(condition: str) -> None:
+    plain, cond = _conditioned_pair(condition)
+    images = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(cond(images, TEXTS)["logits"], plain(images, TEXTS)["logits"])
+    torch.testing.assert_close(cond.text_logits(images[:1], TEXTS), plain.text_logits(images[:1], TEXTS))
+    names = {n for n, _ in cond.named_parameters()} - {n for n, _ in plain.named_parameters()}
+    assert names and all(n.startswith(("decoder.films.", "prior.")) for n in names)
+    new = [p for n, p in cond.named_parameters() if n in names]
+    assert {id(p) for p in new} <= {id(p) for p in cond.trainable_parameters()}
+
+
+def test_film_gets_gradient_and_then_steers_the_mask_by_the_text() -> None:
+    _, gen = _conditioned_pair("film")
+    images = torch.rand(4, 3, 32, 32)
+    gen(images, TEXTS, with_tg=False)["logits"].mul(torch.randn(4, 1, 32, 32)).sum().backward()
+    films = list(gen.decoder.films.parameters())
+    assert len(gen.decoder.films) == 3 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in films)
+    with torch.no_grad():
+        for p in films:
+            p.normal_(0, 0.3)
+    # one image under many prompts = each prompt's own conditioned pass; the prompts now give different maps
+    maps = gen.text_logits(images[:1], TEXTS)
+    for n, text in enumerate(TEXTS):
+        torch.testing.assert_close(maps[n : n + 1], gen(images[:1], [text], with_tg=False)["logits"])
+    assert not torch.allclose(maps[0], maps[1])
+    with pytest.raises(ValueError, match="FiLM pairs"):
+        gen.encode(images[:2], TEXTS)
+    with pytest.raises(ValueError, match="pass the text"):
+        gen.decoder(torch.randn(1, 16, 4, 4), images[:1])
+
+
+def test_prior_adds_the_upsampled_text_map_to_the_logits() -> None:
+    plain, gen = _conditioned_pair("prior")
+    images = torch.rand(2, 3, 32, 32)
+    gen(images, TEXTS[:2], with_tg=False)["logits"].mul(torch.randn(2, 1, 32, 32)).sum().backward()
+    assert gen.prior.net[2].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        gen.prior.net[2].bias.copy_(torch.arange(16.0))
+    t = gen.text_embeddings(TEXTS[:2])
+    expected = plain(images, TEXTS[:2])["logits"] + F.interpolate(
+        gen.prior(t), size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(gen(images, TEXTS[:2])["logits"], expected)
+
+
+@pytest.mark.parametrize("condition", ["film", "prior"])
+def test_conditioned_state_round_trips_and_a_state_without_it_is_refused_clearly(condition: str) -> None:
+    plain, gen = _conditioned_pair(condition)
+    with torch.no_grad():
+        for p in gen.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    other = TextMaskGenerator(gen.vlm, gen.cfg)
+    other.load_trainable_state_dict(gen.trainable_state_dict())
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(other(images, TEXTS[:2])["logits"], gen(images, TEXTS[:2])["logits"])
+    with pytest.raises(KeyError, match="text_condition"):
+        other.load_trainable_state_dict(plain.trainable_state_dict())  # an old (unconditioned) checkpoint
+    with pytest.raises(KeyError, match="text_condition"):
+        plain.load_trainable_state_dict(gen.trainable_state_dict())
+
+
+def test_text_condition_config_is_checked() -> None:
+    from dusss.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        TextMaskConfig(text_condition="spatial")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="pairing"):
+        TextMaskConfig(text_condition="film", pairing="mean")

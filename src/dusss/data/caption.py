@@ -100,6 +100,11 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return out, int(labels.max() + 1) if len(labels) else 0
 
 
+def zone_of_rows(rows: np.ndarray, height: int) -> np.ndarray:
+    """Zone index (0 upper, 1 middle, 2 lower: thirds of the image height) of each row index."""
+    return np.minimum((np.asarray(rows) * 3) // height, 2)
+
+
 def find_regions(mask: np.ndarray, min_area: int = 1) -> list[Region]:
     """Connected regions of a 2-D mask (8-connected) with at least `min_area` pixels, in reading order."""
     m = np.asarray(mask)
@@ -116,7 +121,7 @@ def find_regions(mask: np.ndarray, min_area: int = 1) -> list[Region]:
     area = np.bincount(labels, weights=length, minlength=k)
     row_sum = np.bincount(labels, weights=rows * length, minlength=k)
     cols = np.bincount(labels, weights=col_sum, minlength=k)
-    zone_of_row = np.minimum((rows * 3) // h, 2)
+    zone_of_row = zone_of_rows(rows, h)
     shares = np.stack(
         [np.bincount(labels, weights=length * (zone_of_row == z), minlength=k) for z in range(3)], axis=1
     )
@@ -153,12 +158,16 @@ def _zone_phrase(zones: set[int]) -> str:
     return " ".join(ZONES[i] for i in z)
 
 
+def _side(region: Region, width: int) -> str:
+    """The region's lung, radiological convention (image right = patient's left)."""
+    return "left" if region.centroid[1] >= (width - 1) / 2.0 else "right"
+
+
 def _lung_zones(regions: list[Region], width: int) -> dict[str, set[int]]:
     """Zones occupied per lung, radiological convention (image right = patient's left)."""
     sides: dict[str, set[int]] = {}
     for r in regions:
-        side = "left" if r.centroid[1] >= (width - 1) / 2.0 else "right"
-        sides.setdefault(side, set()).update(_zones(r))
+        sides.setdefault(_side(r, width), set()).update(_zones(r))
     return sides
 
 
@@ -235,3 +244,27 @@ def sub_report(mask: np.ndarray, keep: np.ndarray, style: str = "qata") -> tuple
     kept = np.flatnonzero(np.asarray(keep, dtype=bool)[:n]) + 1
     sub = np.isin(labels, kept)
     return caption_mask(sub.astype(np.uint8), style), sub
+
+
+def described_lesions(mask: np.ndarray, report_mask: np.ndarray, style: str = "qata") -> tuple[str, np.ndarray]:
+    """The report of `report_mask` and the lesions of `mask` that this report describes.
+
+    A lesion (connected region of `mask`) is described when its lung and every zone it occupies are named by
+    the report (the lungs and zones of `report_mask`'s regions, as `caption_mask` words them). With the mask of
+    another image as `report_mask` this is a counterfactual report: "lower left lung" for an image whose lesion
+    is in the right lung describes none of it. Used to teach a text-mask generator that the report chooses
+    where the mask lights up, also on images with a single lesion.
+    """
+    m = np.asarray(mask) >= 0.5
+    r = np.asarray(report_mask) >= 0.5
+    if m.shape != r.shape:
+        raise ValueError(f"mask {m.shape} and report mask {r.shape} differ in shape")
+    named = _lung_zones(find_regions(r), r.shape[1])
+    labels, n = label_components(m)
+    out = np.zeros_like(m)
+    for k in range(1, n + 1):
+        region = labels == k
+        (reg,) = find_regions(region)
+        if _zones(reg) <= named.get(_side(reg, m.shape[1]), set()):
+            out |= region
+    return caption_mask(r.astype(np.uint8), style), out

@@ -28,7 +28,8 @@ def load_text_mask_generator(vlm_path: str | Path, model_run: str | Path | None,
         tensors, meta = load_checkpoint(path, "text_mask")
         saved = (meta.get("text_mask") or {}).get("text_mask")  # the run's semi config holds f_g's architecture
         if isinstance(saved, dict):
-            cfg = from_dict(TextMaskConfig, saved)
+            # runs saved before `text_condition` existed had the unconditioned generator
+            cfg = from_dict(TextMaskConfig, {"text_condition": "none", **saved})
     gen = TextMaskGenerator(vlm, cfg).to(device)
     if tensors is not None:
         gen.load_trainable_state_dict(tensors)
@@ -48,11 +49,20 @@ def text_probability_maps(generator, image: np.ndarray, prompts: list[str], imag
 
 
 def textmap_figure(vlm_path: str | Path, image_path: str | Path, prompts: list[str], out: str | Path,
-                   model_run: str | Path | None = None, device: str = "auto") -> Path:
-    """Write a PNG with the image and one heat-map panel per prompt."""
-    from dusss.engine.checkpoint import load_checkpoint
+                   model_run: str | Path | None = None, device: str = "auto", overwrite: bool = False) -> Path:
+    """Write a PNG with the image and one heat-map panel per prompt.
+
+    DusssError before any work if `out` is one of the inputs, or exists and `overwrite` is not set.
+    """
+    from dusss.engine.checkpoint import load_checkpoint, sidecar_path
+    from dusss.outputs import check_outputs
     from dusss.report.figures import heatmap, save_png
 
+    run_file = None if model_run is None else (
+        Path(model_run) / "text_mask.safetensors" if Path(model_run).is_dir() else Path(model_run))
+    inputs = [("image", image_path), ("--vlm", vlm_path), ("--vlm's sidecar", sidecar_path(vlm_path)),
+              ("--model", run_file), ("--model's sidecar", None if run_file is None else sidecar_path(run_file))]
+    check_outputs([out], inputs=inputs, overwrite=overwrite)
     dev = resolve_device(device)
     _, meta = load_checkpoint(vlm_path, "vlm")
     image = read_image(image_path)
