@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dusss.metrics import SegmentationMetrics, boundary, dice_score, hd95, iou_score
+from dusss.metrics import SegmentationMetrics, _min_distances, binarize, boundary, dice_score, hd95, iou_score
 
 
 def _mask(shape: tuple[int, int], *pixels: tuple[int, int]) -> torch.Tensor:
@@ -190,3 +190,102 @@ def test_metrics_match_an_independent_reference_on_random_masks() -> None:
         assert dice_score(p, g).item() == pytest.approx(dice, abs=1e-12)
         assert iou_score(p, g).item() == pytest.approx(iou, abs=1e-12)
         assert hd95(pred, gt) == pytest.approx(h, abs=1e-9)
+
+
+# -- killing the surviving mutants of tools/mutation.py (docs/mutation.md) -------------------------------------
+
+
+def test_binarize_defaults_are_probability_at_one_half_and_accept_grad() -> None:
+    x = torch.tensor([0.3, 0.5, 0.7], requires_grad=True)  # a model output: binarize must not go via numpy
+    assert binarize(x).tolist() == [False, True, True]  # threshold 0.5, not logits (σ(0.3) = 0.57 would be True)
+    assert binarize(x, from_logits=True).tolist() == [True, True, True]  # σ(0.3), σ(0.5), σ(0.7) all > 0.5
+
+
+def test_soft_truth_of_exactly_one_half_is_background() -> None:
+    gt = GT_2x2 * 0.5
+    gt[0, 0] = gt[0, 1] = 1.0  # 2 px at 1.0 (foreground), 2 px at 0.5 (background: truth is `> 0.5`)
+    # Dice = 2·2/(4+2) = 2/3, IoU = 2/4
+    assert dice_score(GT_2x2[None], gt[None]).item() == pytest.approx(2 / 3)
+    assert iou_score(GT_2x2[None], gt[None]).item() == pytest.approx(0.5)
+    m = SegmentationMetrics(compute_hd95=False)
+    m.update(GT_2x2[None, None], gt[None, None])
+    assert m.rows[0]["gt_pixels"] == 2 and m.compute()["dice"] == pytest.approx(2 / 3)
+
+
+def test_iou_of_identical_one_pixel_masks_is_one_and_iou_takes_logits() -> None:
+    one = _mask((4, 4), (1, 2))
+    assert iou_score(one[None], one[None]).item() == 1.0  # union 1, intersection 1
+    logits = torch.where(GT_2x2 > 0, 0.2, -0.2)  # σ(0.2) = 0.55 → foreground; the raw 0.2 would not be
+    assert iou_score(logits[None], GT_2x2[None], from_logits=True).item() == 1.0
+
+
+def test_boundary_is_face_connected_in_3d() -> None:
+    cross = torch.zeros(5, 5, 5, dtype=torch.bool)  # centre voxel and its 6 face neighbours
+    cross[2, 2, 2] = True
+    for axis in range(3):
+        for d in (-1, 1):
+            idx = [2, 2, 2]
+            idx[axis] += d
+            cross[tuple(idx)] = True
+    b = boundary(cross)
+    assert int(b.sum()) == 6 and not bool(b[2, 2, 2])  # the centre has all 6 face neighbours: interior
+
+
+def test_min_distances_in_chunks() -> None:
+    a = torch.tensor([[0.0, 0.0], [0.0, 3.0], [4.0, 0.0], [1.0, 1.0], [6.0, 8.0]])
+    b = torch.tensor([[0.0, 0.0]])
+    torch.testing.assert_close(_min_distances(a, b, chunk=2), torch.tensor([0.0, 3.0, 4.0, math.sqrt(2), 10.0]))
+
+
+def test_hd95_drops_singleton_batch_dims_and_thresholds_soft_masks() -> None:
+    solid = _square((7, 7), 1, 6, 1, 6)  # a filled 5×5 square and its hollow outline share one boundary
+    hollow = solid.clone()
+    hollow[2:5, 2:5] = 0.0
+    assert hd95(solid, hollow) == 0.0
+    # [1,1,H,W] must be read as the 2-D image; as a 3-D [1,H,W] volume every pixel would be boundary (→ 1.0)
+    assert hd95(solid[None, None], hollow[None, None]) == 0.0
+    # soft masks are thresholded at > 0.5: 0.3 everywhere else is background
+    assert hd95(solid + 0.3 * (1 - solid), hollow + 0.3 * (1 - hollow)) == 0.0
+
+
+def test_hd95_on_a_volume_uses_every_slice_and_per_axis_spacing() -> None:
+    p = torch.zeros(2, 3, 3, dtype=torch.bool)
+    g = torch.zeros(2, 3, 3, dtype=torch.bool)
+    p[0, 1, 1] = p[1, 1, 1] = True
+    g[0, 1, 1] = True
+    # distances p→g [0, 1], g→p [0]: sorted [0, 0, 1], rank 0.95·2 = 1.9 → 0.9; slice spacing 2 → 1.8
+    assert hd95(p, g) == pytest.approx(0.9)
+    assert hd95(p, g, spacing=(2.0, 1.0, 1.0)) == pytest.approx(1.8)
+
+
+def test_accumulator_2d_input_default_keys_std_spacing_and_grad() -> None:
+    m = SegmentationMetrics(spacing=2.0)
+    pred = PRED_ROW.clone().requires_grad_(True)
+    m.update(pred, GT_2x2)  # a 2-D input is one image
+    m.update(GT_2x2[None, None], GT_2x2[None, None])
+    out = m.compute()
+    assert [r["key"] for r in m.rows] == ["0", "1"] and out["n_images"] == 2
+    assert m.rows[0]["hd95"] == pytest.approx(2 * 1.65)  # the hand value above, in units of spacing 2
+    assert out["dice"] == pytest.approx(0.75) and out["dice_std"] == pytest.approx(0.25)  # Dice 0.5 and 1
+    assert out["iou_std"] == pytest.approx((1 - 1 / 3) / 2)  # IoU 1/3 and 1
+
+
+def test_accumulator_logits_near_zero_and_policy_one_iou() -> None:
+    m = SegmentationMetrics(empty_policy="one", from_logits=True, compute_hd95=False)
+    logits = torch.full((2, 1, 4, 4), -0.2)  # σ(−0.2) = 0.45: background
+    logits[0, 0, :2, :2] = 0.2  # σ(0.2) = 0.55: foreground, though the raw value is < 0.5
+    gt = torch.zeros(2, 1, 4, 4)
+    gt[0, 0, :2, :2] = 1.0
+    m.update(logits, gt)
+    out = m.compute()
+    assert out["dice"] == 1.0 and out["iou"] == 1.0  # image 2: empty truth, empty prediction → 1 under `one`
+    assert out["dice_std"] == 0.0 and out["iou_std"] == 0.0
+
+
+def test_accumulator_global_dice_edge_cases() -> None:
+    m = SegmentationMetrics(compute_hd95=False)
+    m.update(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    assert math.isnan(m.compute()["global_dice"])  # nothing predicted, nothing true: 0/0
+    m.update(_mask((4, 4), (0, 0))[None, None], torch.zeros(1, 1, 4, 4))
+    assert m.compute()["global_dice"] == 0.0  # 2·0/(1+0)
+    assert math.isnan(m.compute()["dice_std"])  # both images skipped: no Dice to spread

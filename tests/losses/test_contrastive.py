@@ -14,6 +14,7 @@ from dusss.losses.contrastive import (
     css_loss,
     extended_infonce,
     g2l_infonce,
+    gaussian_kl_standard,
     icl_loss,
     infonce,
     local_alignment_loss,
@@ -282,3 +283,39 @@ def test_w2_logits_and_gaussian_kl_hand_values() -> None:
     kl1 = 0.5 * (0.25 - 1 - math.log(0.25)) + 2.0
     assert gaussian_kl_standard(mu_x, sg_x).item() == pytest.approx((0.5 + kl1) / 2, rel=1e-6)
     assert gaussian_kl_standard(torch.zeros(3, 4), torch.ones(3, 4)).item() == 0.0
+
+
+# -- killing the surviving mutants of tools/mutation.py (docs/mutation.md) -------------------------------------
+_X, _Y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])  # cos = 0, D_s = √2
+_MUX, _MUY, _SIG = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])  # W2 = 4
+
+
+def test_sss_logits_defaults_and_forwarded_hyperparameters() -> None:
+    mu_x = _MUX.clone().requires_grad_(True)
+    logits, d, w2 = sss_logits(_X, _Y, mu_x, _SIG, _MUY, _SIG, tau=0.5)  # lam 0.2, a 1/200, b 4, eps 1e-6
+    d_hand = math.exp(-0.2 * (4 / 200 + 4) / (math.sqrt(2) + 1e-6))
+    assert d.item() == pytest.approx(d_hand) and w2.item() == pytest.approx(4.0)
+    assert logits.item() == pytest.approx((1 - d_hand) / 0.5)  # sim^ = 1 − (1 − 0)·D_SSS
+    logits.sum().backward()
+    assert mu_x.grad is not None and mu_x.grad.abs().item() > 0  # D_SSS is not detached by default
+    logits, d, _ = sss_logits(_X, _Y, _MUX, _SIG, _MUY, _SIG, tau=0.5, lam=1.0, a=0.25, b=1.0, eps=0.5)
+    d_hand = math.exp(-1.0 * (0.25 * 4 + 1) / (math.sqrt(2) + 0.5))  # lam = 1 is not the "off" switch
+    assert d.item() == pytest.approx(d_hand) and logits.item() == pytest.approx((1 - d_hand) / 0.5)
+    _, d = sss_infonce(_X, _Y, _MUX, _SIG, _MUY, _SIG, tau=0.5)
+    assert d.item() == pytest.approx(math.exp(-0.2 * 4.02 / (math.sqrt(2) + 1e-6)))
+
+
+@pytest.mark.parametrize("missing", range(4))
+def test_sss_logits_any_missing_gaussian_gives_plain_cosine(missing: int) -> None:
+    args = [_MUX, _SIG, _MUY, _SIG]  # order of sss_logits: mu_x, sigma_x, mu_y, sigma_y
+    args[missing] = None
+    x, y = torch.tensor([[0.6, 0.8]]), torch.tensor([[1.0, 0.0]])  # cos = 0.6
+    logits, d, w2 = sss_logits(x, y, *args, tau=0.5)
+    assert logits.item() == pytest.approx(1.2) and d.item() == 1.0 and w2 is None
+
+
+def test_w2_logits_default_shift_and_kl_sums_over_dims() -> None:
+    # (−a·W2 + b)/tau = (−4/200 + 4)/0.5 with the defaults a = 1/200, b = 4
+    assert w2_logits(_MUX, _SIG, _MUY, _SIG, 0.5).item() == pytest.approx((4 - 4 / 200) / 0.5)
+    # KL(N((1, 0), I) || N(0, I)) = ½·|mu|² = 0.5 for the one row (summed over the 2 dims, mean over rows)
+    assert gaussian_kl_standard(torch.tensor([[1.0, 0.0]]), torch.ones(1, 2)).item() == pytest.approx(0.5)

@@ -120,3 +120,46 @@ def test_pixel_weight_masks_each_loss_by_hand() -> None:
     assert dice_loss(student, target).item() == pytest.approx(1 - (2 * 1.25 + 1) / 5.25, abs=1e-6)
     with pytest.raises(ValueError, match="pixel weight"):
         soft_bce(student, target, weight=weight[..., :1])
+
+
+# -- killing the surviving mutants of tools/mutation.py (docs/mutation.md) -------------------------------------
+# Two 1×1×2 images at logit 0 (σ = 0.5, BCE = ln 2 per pixel whatever the target): truth [1, 1] and [0, 0].
+Z2 = torch.zeros(2, 1, 1, 2)
+T2 = torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(2, 1, 1, 2)
+LN2 = math.log(2.0)
+
+
+def test_seg_loss_passes_reduction_and_weight_to_both_terms() -> None:
+    # Dice (s = 1): image 1 (2·1 + 1)/(1 + 2 + 1) = 3/4 → 0.25; image 2 1/(1 + 0 + 1) → 0.5
+    torch.testing.assert_close(dice_loss(Z2, T2, reduction="none"), torch.tensor([0.25, 0.5]))
+    torch.testing.assert_close(seg_loss(Z2, T2, reduction="none"), torch.tensor([0.125 + LN2 / 2, 0.25 + LN2 / 2]))
+    torch.testing.assert_close(seg_loss(Z2, T2, "bce", reduction="none"), torch.tensor([LN2, LN2]))
+    w = torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(2, 1, 1, 2)  # drop the second pixel of image 1
+    # weighted Dice: image 1 (2·0.5 + 1)/(0.5 + 1 + 1) = 0.8 → 0.2; BCE: image 1 ln2/2, image 2 ln2
+    torch.testing.assert_close(seg_loss(Z2, T2, reduction="none", weight=w),
+                               torch.tensor([0.1 + LN2 / 4, 0.25 + LN2 / 2]))
+    torch.testing.assert_close(seg_loss(Z2, T2, "bce", reduction="none", weight=w), torch.tensor([LN2 / 2, LN2]))
+
+
+def test_consistency_loss_per_image_reduction() -> None:
+    torch.testing.assert_close(consistency_loss(Z2, T2, reduction="none"), torch.tensor([LN2, LN2]))
+    soft = torch.tensor([1.0, 1.0, 0.5, 0.0]).reshape(2, 1, 1, 2)
+    # MSE of σ(0) = 0.5: image 1 (0.25 + 0.25)/2, image 2 (0 + 0.25)/2
+    torch.testing.assert_close(consistency_loss(Z2, soft, "mse", reduction="none"), torch.tensor([0.25, 0.125]))
+
+
+def test_semi_loss_defaults_merge_mode_transform_and_reduction() -> None:
+    z_s = torch.ones(1, 1, 1, 1)  # BCE(z = 1, q) = ln(1 + e) − q
+    zero = torch.zeros(1, 1, 1, 1)
+    sp1 = math.log1p(math.e)
+    loss, parts = semi_loss(z_s, zero, zero)  # default kind is BCE: targets σ(0 + 0) = σ(0) = 0.5
+    assert loss.item() == pytest.approx(sp1 - 0.5)
+    assert parts["semi"].item() == pytest.approx(sp1 - 0.5)
+    s1 = 1 / (1 + math.exp(-1.0))
+    loss, _ = semi_loss(z_s, zero, zero, merge="prob")  # q_merged = σ(σ(0) + σ(0)) = σ(1)
+    assert loss.item() == pytest.approx(0.5 * ((sp1 - s1) + (sp1 - 0.5)))
+    loss, _ = semi_loss(z_s, zero + 2.0, zero, target_transform=lambda q: 1.0 - q)  # σ(2) → σ(−2), 0.5 → 0.5
+    assert loss.item() == pytest.approx(0.5 * ((sp1 - 1 / (1 + math.exp(2.0))) + (sp1 - 0.5)))
+    per_image, parts = semi_loss(Z2, Z2, Z2, reduction="none")
+    torch.testing.assert_close(per_image, torch.tensor([LN2, LN2]))
+    torch.testing.assert_close(parts["text"], torch.tensor([LN2, LN2]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dusss.losses.uncertainty import (
@@ -118,3 +119,18 @@ def test_uncertainty_cosine_is_at_least_cos_and_grows_with_du() -> None:
     du = torch.linspace(4.0, 40.0, 10)
     sims = uncertainty_cosine(torch.tensor(0.2), sss_weight(relative_uncertainty(du, torch.tensor(1.0)), 0.2))
     assert bool((sims[1:] > sims[:-1]).all())
+
+
+# -- killing the surviving mutants of tools/mutation.py (docs/mutation.md) -------------------------------------
+def test_paper_defaults_hand_values() -> None:
+    # a = 1/200, b = 4, eps = 1e-6, lambda = 0.2 (DuSSS paper)
+    assert uncertainty_level(torch.tensor(100.0)).item() == pytest.approx(4.5)
+    assert relative_uncertainty(torch.tensor(1.0), torch.tensor(0.0)).item() == pytest.approx(1e6)
+    assert sss_weight(torch.tensor(5.0)).item() == pytest.approx(math.exp(-1.0))
+    x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])  # D_s = √2
+    mu_x, mu_y, sig = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])  # W2 = 4
+    d, w2 = sss_matrix(x, y, mu_x, sig, mu_y, sig)
+    assert w2.item() == pytest.approx(4.0)
+    assert d.item() == pytest.approx(math.exp(-0.2 * (4 / 200 + 4) / (math.sqrt(2) + 1e-6)))
+    d, _ = sss_matrix(x, y, mu_x, sig, mu_y, sig, lam=0.5, a=0.25, b=1.0, eps=0.5)  # D_u = 0.25·4 + 1 = 2
+    assert d.item() == pytest.approx(math.exp(-0.5 * 2.0 / (math.sqrt(2) + 0.5)))

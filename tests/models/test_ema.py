@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dusss.errors import ConfigError
-from dusss.models.ema import EMATeacher, ema_alpha, sigmoid_rampup
+from dusss.models.ema import EMATeacher, ema_alpha, sigmoid_rampup, unwrap
 from dusss.models.unet import UNet, UNetConfig
 
 
@@ -126,3 +126,33 @@ def test_batch_norm_teacher_normalises_with_the_batch_and_leaves_running_stats()
     assert not batch.module.training and not batch.module.bn.training
     with pytest.raises(ConfigError, match="norm"):
         EMATeacher(Tiny(), norm="group")
+
+
+# -- killing the surviving mutants of tools/mutation.py (docs/mutation.md) -------------------------------------
+def test_rampup_of_one_step_and_decay_zero_is_allowed() -> None:
+    assert sigmoid_rampup(0.5, 1) == pytest.approx(math.exp(-5 * 0.25))  # T = 1 still ramps: phase 0.5
+    student = nn.Linear(2, 1)
+    teacher = EMATeacher(student, decay=0.0)  # [0, 1): decay 0 copies the student at every update
+    with torch.no_grad():
+        student.weight.fill_(3.0)
+    teacher.update(student, step=10)
+    assert torch.equal(teacher.module.weight, torch.full((1, 2), 3.0))
+
+
+def test_unwrap_wrappers_and_teacher_accessors() -> None:
+    m = nn.Linear(2, 1)
+    assert unwrap(nn.DataParallel(m)) is m
+
+    class Compiled(nn.Module):  # stands in for torch.compile's OptimizedModule, which keeps `_orig_mod`
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+    assert unwrap(Compiled(nn.DataParallel(m))) is m
+    teacher = EMATeacher(m, decay=0.5)
+    params = teacher.parameters()
+    assert len(params) == 2 and all(not p.requires_grad for p in params)
+    assert teacher.to("cpu") is teacher
+    assert teacher.module.weight.device.type == "cpu"
+    with pytest.raises(RuntimeError):  # strict: a state dict missing a key is refused
+        teacher.load_state_dict({"weight": torch.zeros(1, 2)})
