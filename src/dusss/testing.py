@@ -28,8 +28,9 @@ class BagOfWordsVLM(nn.Module):
         self.words = nn.EmbeddingBag(vocab, dim, mode="mean")
         self.vocab = vocab
 
-    def encode_image(self, images: torch.Tensor, momentum: bool = False) -> dict[str, Any]:
-        """{"global": [B,d] unit, "local": [B,N,d] unit patch tokens, "grid": (h, w)}."""
+    def encode_image(self, images: torch.Tensor, momentum: bool = False, with_global: bool = True) -> dict[str, Any]:
+        """{"global": [B,d] unit, "local": [B,N,d] unit patch tokens, "grid": (h, w)} (global even when
+        `with_global=False`, which the real VLM may skip: its BatchNorm still sees the batch)."""
         x = self.patchify(images)
         h, w = x.shape[-2:]
         tokens = x.flatten(2).transpose(1, 2)

@@ -159,3 +159,26 @@ def test_efficientnet_vlm_checkpoint_round_trip(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "cnn.safetensors", tensors, "vlm", meta)
     loaded = VisionLanguageModel.from_checkpoint(tmp_path / "cnn.safetensors")
     assert torch.allclose(loaded.encode_image(x)["local"], out["local"], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["efficientnet_lite0", "vit"])
+def test_local_only_image_pass_gives_the_same_tokens_and_skips_the_cnn_head(kind: str,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`with_global=False` (the text-mask generator's pass): identical local tokens, no global; the
+    EfficientNet's stride-32 stages and 1280-channel head are not run."""
+    torch.manual_seed(5)
+    cfg = tiny_config()
+    if kind == "efficientnet_lite0":
+        cfg.image = ImageEncoderConfig(kind=kind, random_init=True, cnn_cls="head")
+    model = VisionLanguageModel(cfg).eval()
+    x = torch.rand(2, 3, 64, 64) if kind == "efficientnet_lite0" else torch.rand(2, 3, 32, 32)
+    full = model.encode_image(x)
+    head_calls = []
+    if kind == "efficientnet_lite0":
+        conv_head = model.image_encoder.model._conv_head
+        monkeypatch.setattr(conv_head, "forward", lambda t: head_calls.append(t.shape) or t)
+    local = model.encode_image(x, with_global=False)
+    assert local["global"] is None and local["grid"] == full["grid"]
+    assert torch.equal(local["local"], full["local"])
+    assert head_calls == []
+    assert full["global"].shape == (2, 8)

@@ -241,9 +241,10 @@ class TextMaskGenerator(nn.Module):
         """
         if isinstance(texts, str):
             texts = [texts]
-        self.vlm.eval()
+        if self.vlm.training:  # (a recursive eval() per call costs ~3 ms)
+            self.vlm.eval()
         with torch.no_grad():
-            img = self.vlm.encode_image(images)
+            img = self.vlm.encode_image(images, with_global=False)
         local = img["local"]
         h, w = img["grid"]
         b, n, d = local.shape

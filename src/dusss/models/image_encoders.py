@@ -215,12 +215,17 @@ class EfficientNetImageEncoder(nn.Module):
     def hf_config(self) -> None:
         return None
 
-    def forward(self, images: torch.Tensor, return_attention: bool = False) -> EncoderOutput:
-        feats = self.model.forward_features(images, head=self.use_head)
+    def forward(self, images: torch.Tensor, return_attention: bool = False, with_cls: bool = True) -> EncoderOutput:
+        """Patch tokens of the stride-16 map and the cls feature; `with_cls=False` skips the stride-32 stages
+        and head that only the cls of `cnn_cls="head"` needs (cls is then None; the tokens are unchanged)."""
+        feats = self.model.forward_features(images, head=self.use_head and with_cls)
         fmap = feats["stride16"]
         _, _, h, w = fmap.shape
         tokens = fmap.flatten(2).transpose(1, 2)
-        cls = feats["head"].mean(dim=(2, 3)) if self.use_head else fmap.mean(dim=(2, 3))
+        if not with_cls:
+            cls = None
+        else:
+            cls = feats["head"].mean(dim=(2, 3)) if self.use_head else fmap.mean(dim=(2, 3))
         return EncoderOutput(cls=cls, tokens=tokens, grid=(h, w), cls_attention=None)
 
 

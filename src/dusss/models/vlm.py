@@ -31,7 +31,7 @@ from dusss.config import bounded, check, check_fields, from_dict, to_dict
 from dusss.engine.checkpoint import load_checkpoint, load_state_into
 from dusss.errors import CheckpointError, ConfigError
 from dusss.models.heads import PDT, GlobalHead, LocalHead
-from dusss.models.image_encoders import ImageEncoderConfig, build_image_encoder
+from dusss.models.image_encoders import EfficientNetImageEncoder, ImageEncoderConfig, build_image_encoder
 from dusss.models.text_encoders import TextEncoderConfig, build_text_encoder
 
 MOMENTUM_PAIRS = (
@@ -117,13 +117,17 @@ class VisionLanguageModel(nn.Module):
                 getattr(self, f"{modality}_local{suffix}"))
 
     def encode_image(self, images: torch.Tensor, momentum: bool = False,
-                     with_attention: bool = False) -> dict[str, Any]:
+                     with_attention: bool = False, with_global: bool = True) -> dict[str, Any]:
         """images [B,3,H,W] in [0,1] -> dict(global, local, grid, tokens, cls, cls_attention); the momentum
-        branch runs without gradient."""
+        branch runs without gradient. `with_global=False` returns the local tokens only (global and cls None):
+        a CNN encoder then skips the stages that only its global feature needs (the text-mask generator)."""
         enc, ghead, lhead = self._branch("image", momentum)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not momentum):
-            out = enc(images, return_attention=with_attention)
-            glob = F.normalize(ghead(out.cls), dim=-1)
+            if with_global or not isinstance(enc, EfficientNetImageEncoder):
+                out = enc(images, return_attention=with_attention)
+            else:
+                out = enc(images, return_attention=with_attention, with_cls=False)
+            glob = F.normalize(ghead(out.cls), dim=-1) if with_global else None
             loc = F.normalize(lhead(out.tokens), dim=-1)
         return {"global": glob, "local": loc, "grid": out.grid, "tokens": out.tokens, "cls": out.cls,
                 "cls_attention": out.cls_attention}
