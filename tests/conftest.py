@@ -31,6 +31,20 @@ def restore_torch_threads() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    """The pid of a running process (for run-folder lock tests: a lock it holds is live), killed afterwards."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def phantom_split() -> Callable[[Path], tuple[Path, Path]]:
     """`make(root)` writes 24 phantoms at 32 px under root/ph and a 50 %-labeled split root/split.json;

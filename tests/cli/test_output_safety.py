@@ -15,9 +15,6 @@ import dataclasses
 import json
 import os
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -237,24 +234,13 @@ def test_textmap_and_demo_never_replace_what_they_did_not_write(world: dict[str,
 
 
 # ------------------------------------------------------------------------------------------- class 2
-@pytest.fixture
-def live_holder() -> Iterator[int]:
-    """The pid of a running process (it holds the lock the test writes)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.mark.parametrize("command", ["train", "pretrain"])
-def test_a_run_folder_locked_by_a_live_process_is_refused(world: dict[str, Path], tmp_path: Path, live_holder: int,
+def test_a_run_folder_locked_by_a_live_process_is_refused(world: dict[str, Path], tmp_path: Path, live_pid: int,
                                                           capsys: pytest.CaptureFixture[str], command: str) -> None:
     out = tmp_path / "run"
     out.mkdir()
     lock = out / LOCK_FILE
-    lock.write_text(json.dumps({"pid": live_holder, "host": socket.gethostname(), "since": "now"}))
+    lock.write_text(json.dumps({"pid": live_pid, "host": socket.gethostname(), "since": "now"}))
     before = _snapshot(lock)
     if command == "train":
         argv = ["train", "--data", world["manifest"], "--splits", world["split"], "--out", out,
@@ -262,7 +248,7 @@ def test_a_run_folder_locked_by_a_live_process_is_refused(world: dict[str, Path]
     else:
         argv = ["pretrain", "--data", world["manifest"], "--out", out, "--batch-size", "4", "--random-init", *SMALL[2:]]
     for extra in ([], ["--overwrite"]):
-        _refused(capsys, [*argv, *extra], out, f"in use by another dusss run (process {live_holder} on", lock)
+        _refused(capsys, [*argv, *extra], out, f"in use by another dusss run (process {live_pid} on", lock)
     assert _snapshot(lock) == before
     assert sorted(os.listdir(out)) == [LOCK_FILE]
 

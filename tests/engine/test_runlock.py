@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -18,16 +17,6 @@ import pytest
 from dusss.engine.runlock import LOCK_FILE, RunLock, check_unlocked, read_lock
 from dusss.engine.runs import check_run_dir, prepare_run_dir
 from dusss.errors import DusssError
-
-
-@pytest.fixture
-def live_pid() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
