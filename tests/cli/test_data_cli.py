@@ -193,7 +193,7 @@ def test_split_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], kin
 
 def test_synth_bad_arguments_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["data", "synth", str(tmp_path / "o"), "--n", "1"], capsys)
-    assert code == 1 and err.startswith("error: --n must be an integer >= 3")
+    assert code == 1 and err.startswith("error: --n must be an integer in [3, 1000000]")
     assert not (tmp_path / "o").exists()
     code, _, err = run(["data", "synth", str(tmp_path / "o"), "--caption-style", "poem"], capsys)
     assert code == 1 and err.startswith("error: --caption-style must be one of qata, laterality, generic")

@@ -39,7 +39,7 @@ SMALL = ["--width", "4", "--image-size", "32", "--device", "cpu", "--quiet", "--
 #      stdout for OK), a path that must not exist afterwards (for OK: that must exist) or None)
 CASES: dict[str, tuple[list[str], str, str, str | None]] = {
     # data synth
-    "synth/n-too-small": (["data", "synth", "{tmp}/s", "--n", "2"], ERROR, "--n must be an integer >= 3", "{tmp}/s"),
+    "synth/n-too-small": (["data", "synth", "{tmp}/s", "--n", "2"], ERROR, "--n must be an integer in [3, 1000000]", "{tmp}/s"),
     "synth/size-zero": (["data", "synth", "{tmp}/s", "--size", "0"], ERROR, "--size must be an integer in",
                         "{tmp}/s"),
     "synth/out-under-a-file": (["data", "synth", "{afile}/sub", "--n", "3", "--size", "32"], ERROR,

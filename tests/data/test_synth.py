@@ -117,7 +117,7 @@ def test_caption_style_changes_only_the_texts(tmp_path: Path) -> None:
         generate_phantoms(tmp_path / "x", n=3, size=32, caption_style="verbose")
 
 
-@pytest.mark.parametrize(("n", "size", "seed"), [(2, 64, 0), (10, 16, 0), (10, 64, -1)])
+@pytest.mark.parametrize(("n", "size", "seed"), [(2, 64, 0), (1_000_001, 64, 0), (10, 16, 0), (10, 64, -1)])
 def test_bad_arguments_write_nothing(tmp_path: Path, n: int, size: int, seed: int) -> None:
     with pytest.raises(ConfigError):
         generate_phantoms(tmp_path / "out", n=n, size=size, seed=seed)

@@ -145,6 +145,9 @@ def _phantom(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.round(img * 255).astype(np.uint8), mask.astype(np.uint8)
 
 
+MAX_PHANTOMS = 1_000_000  # `--n` bound: a typo (an extra 0 or two) fails at once instead of filling the disk
+
+
 def _splits(n: int, seed: int) -> list[str]:
     n_val = n_test = max(1, math.floor(0.2 * n + 0.5))
     order = np.random.default_rng([seed, 1]).permutation(n)
@@ -166,8 +169,8 @@ def generate_phantoms(out: str | Path, n: int, size: int = 128, seed: int = 0, c
     `overwrite` is not set.
     """
     check_caption_style(caption_style, "--caption-style")
-    if not isinstance(n, int) or n < 3:
-        raise ConfigError(f"--n must be an integer >= 3 (one image per split at least), got {n!r}")
+    if not isinstance(n, int) or not 3 <= n <= MAX_PHANTOMS:
+        raise ConfigError(f"--n must be an integer in [3, {MAX_PHANTOMS}] (one image per split at least), got {n!r}")
     if not isinstance(size, int) or not 32 <= size <= 4096:
         raise ConfigError(f"--size must be an integer in [32, 4096], got {size!r}")
     if not isinstance(seed, int) or seed < 0:
