@@ -306,3 +306,27 @@ def test_nothing_in_the_package_unpickles() -> None:
             assert "weights_only=True" in call.group(1), f"{path}: {call.group(0)}"
             loads.append(path.name)
     assert loads == ["efficientnet_lite.py"]
+
+
+def test_pretraining_refuses_a_patient_in_two_splits(world: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Step 1 reads the train rows only, but a test patient's images must not shape the VLM through another
+    row of the same case: the leak is refused before the run folder exists (issue 17, class 4)."""
+    import csv
+
+    with open(world["manifest"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train = next(r for r in rows if r["split"] == "train")
+    test = next(r for r in rows if r["split"] == "test")
+    test["case_id"] = train["case_id"]
+    leaky = world["manifest"].parent / "leaky.csv"
+    with open(leaky, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "run"
+    line = _one_line_error(["pretrain", "--data", str(leaky), "--out", str(out), "--batch-size", "4",
+                            "--image-size", "32", "--epochs", "1", "--device", "cpu", "--quiet", "--random-init"],
+                           capsys)
+    assert f"{leaky}: case {train['case_id']!r} has rows in train (row" in line and "and test (row" in line
+    assert not out.exists()

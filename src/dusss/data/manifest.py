@@ -114,6 +114,16 @@ def leak_message(case: str, rows_by_split: dict[str, int]) -> str:
             "(give all rows of a case the same split)")
 
 
+def refuse_leaks(records: Iterable[Record], source: str | Path) -> None:
+    """DataError naming `source` when a case has rows in more than one split (the first such case, and how
+    many more there are)."""
+    leaks = cases_across_splits((r.case_id, r.split, r.row) for r in records)
+    if leaks:
+        case, rows_by_split = next(iter(leaks.items()))
+        more = f" ({len(leaks) - 1} more case(s) like it)" if len(leaks) > 1 else ""
+        raise DataError(source, leak_message(case, rows_by_split) + more)
+
+
 def make_record(folder: Path, row_no: int, values: dict[str, str]) -> Record:
     """Build a Record from one raw row (no file-system checks)."""
     key = values["image"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dusss.data.manifest import Record, cases_across_splits, leak_message
+from dusss.data.manifest import Record, refuse_leaks
 from dusss.errors import ConfigError, DataError
 from dusss.outputs import Inputs, check_outputs
 
@@ -40,11 +40,7 @@ def make_split(
     for s, rows in by_split.items():
         if not rows:
             raise DataError(source, f"the manifest has no {s} rows (train, val and test are all needed)")
-    leaks = cases_across_splits((r.case_id, r.split, r.row) for r in records)
-    if leaks:
-        case, rows_by_split = next(iter(leaks.items()))
-        more = f" ({len(leaks) - 1} more case(s) like it)" if len(leaks) > 1 else ""
-        raise DataError(source, leak_message(case, rows_by_split) + more)
+    refuse_leaks(records, source)
     cases: dict[str, list[Record]] = {}
     for r in by_split["train"]:
         cases.setdefault(r.case_id, []).append(r)

@@ -26,7 +26,7 @@ from dusss.config import (
     to_dict,
 )
 from dusss.data.datasets import PretrainDataset
-from dusss.data.manifest import read_manifest, record_files
+from dusss.data.manifest import read_manifest, record_files, refuse_leaks
 from dusss.engine import distributed as dist
 from dusss.engine.checkpoint import load_state_into
 from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
@@ -157,6 +157,7 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
     check_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain",
                   frozen_on_resume=("vlm", "method"), inputs=inputs)
     records = read_manifest(cfg.data)
+    refuse_leaks(records, cfg.data)  # a test patient's images must not shape the VLM either
     train_split = ("train", "val") if cfg.include_val_in_training else ("train",)
     train_rec = [r for r in records if r.split in train_split and r.text.strip()]
     val_rec = [r for r in records if r.split == "val" and r.text.strip()]
