@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dusss.engine.checkpoint import atomic_write_text
+from dusss.atomic import atomic_write_text
 
 DEMO_METHODS = ("supervised", "mt", "dusss")
 # What a demo writes into its folder: only a folder holding nothing else is replaced by `overwrite`.

@@ -257,7 +257,7 @@ def test_a_run_folder_locked_by_a_live_process_is_refused(world: dict[str, Path]
 def test_train_resume_removes_leftovers_and_keeps_the_run(world: dict[str, Path], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from dusss.engine.checkpoint import _temp_file
+    from dusss.atomic import temp_file
 
     monkeypatch.setattr("dusss.engine.train.plot_curves", lambda *a, **k: None)  # speed only
     out = tmp_path / "run"
@@ -266,7 +266,7 @@ def test_train_resume_removes_leftovers_and_keeps_the_run(world: dict[str, Path]
     main(argv)
     leftovers = []
     for name in ("state.safetensors", "model.safetensors"):
-        fd, tmp = _temp_file(out / name)
+        fd, tmp = temp_file(out / name)
         os.write(fd, b"\0" * 4096)
         os.close(fd)
         leftovers.append(Path(tmp))

@@ -96,3 +96,28 @@ def test_multi_line_text_and_row_numbers(tmp_path: Path) -> None:
     a, b = read_manifest(m)
     assert (a.row, a.text) == (2, "line one\nline two")
     assert b.row == 5  # the record after the blank line 4
+
+
+def test_an_interrupted_manifest_write_keeps_the_old_file_and_leaves_no_stray_temp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_manifest and save_split go through the one atomic writer (dusss.atomic): a failure before the
+    rename keeps the old file and removes its temp file (the old fixed `NAME.tmp` stayed behind)."""
+    import os
+
+    from dusss.data.splits import save_split
+
+    target = tmp_path / "manifest.csv"
+    target.write_text("old\n")
+    split_file = tmp_path / "split.json"
+    row = {"image": "a.png", "mask": None, "text": "t", "split": "train", "case_id": "a"}
+
+    def failing_replace(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_manifest(target, [row])
+    with pytest.raises(OSError, match="disk full"):
+        save_split({"labeled": [], "unlabeled": []}, split_file)
+    assert target.read_text() == "old\n" and not split_file.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv"]

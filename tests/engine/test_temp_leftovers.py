@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from dusss.engine.checkpoint import _temp_file, atomic_write_text, is_temp_leftover, remove_temp_leftovers
+from dusss.atomic import atomic_write_text, is_temp_leftover, remove_temp_leftovers, temp_file
 from dusss.engine.runs import prepare_run_dir
 
 
 def _leftover(target: Path, size: int = 1024) -> Path:
     """The temp file a `kill -9` inside an atomic save of `target` leaves behind."""
-    fd, tmp = _temp_file(target)
+    fd, tmp = temp_file(target)
     os.write(fd, b"\0" * size)
     os.close(fd)
     return Path(tmp)

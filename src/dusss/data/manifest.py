@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dusss.atomic import atomic_write_text
 from dusss.errors import DataError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image", "mask", "text", "split", "case_id")
@@ -175,12 +176,10 @@ def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> Path:
         missing = [c for c in REQUIRED_COLUMNS if c not in row]
         if missing:
             raise DataError(p, f"row {i + 2}: missing {', '.join(missing)}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(REQUIRED_COLUMNS)
-        for row in rows:
-            writer.writerow(["" if row[c] is None else str(row[c]) for c in REQUIRED_COLUMNS])
-    os.replace(tmp, p)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(REQUIRED_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else str(row[c]) for c in REQUIRED_COLUMNS])
+    atomic_write_text(p, buf.getvalue())
     return p

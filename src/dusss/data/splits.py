@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dusss.atomic import atomic_write_text
 from dusss.data.manifest import Record, refuse_leaks
 from dusss.errors import ConfigError, DataError
 from dusss.outputs import Inputs, check_outputs
@@ -77,10 +77,7 @@ def save_split(split: dict[str, Any], path: str | Path, inputs: Inputs = (), ove
     if p.exists() and p.is_dir():
         raise DataError(p, "is a folder, expected a .json file path")
     check_outputs([p], inputs=inputs, overwrite=overwrite)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write_text(p, json.dumps(split, indent=2) + "\n")
     return p
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,73 +17,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dusss import __version__
+from dusss.atomic import atomic_write_text, temp_file, umask_mode
 from dusss.errors import CheckpointError
 
 FORMAT = "dusss-checkpoint-v1"
-
-
-def _umask_mode() -> int:
-    """Permissions a normally created file gets (0o666 minus the umask), for temp files renamed into place."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-# Temp files of the atomic writes: `.<name>.<8 random characters of mkstemp>.tmp` beside `<name>`.
-_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-
-
-def _temp_file(path: Path) -> tuple[int, str]:
-    """A new temp file beside `path` (named as `is_temp_leftover` recognises); (fd, its path)."""
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-
-
-def is_temp_leftover(name: str) -> bool:
-    """True for a file name of the atomic writers' temp files (left behind only by a killed save)."""
-    return bool(_TEMP_NAME.match(name))
-
-
-def remove_temp_leftovers(folder: str | Path) -> list[Path]:
-    """Delete the atomic writers' temp files directly in `folder` (not below); returns what was deleted.
-
-    Only safe when no process is writing into `folder` (e.g. under its run lock): a live save's temp file
-    looks the same as a killed one's.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for p in sorted(folder.iterdir()):
-        if is_temp_leftover(p.name) and p.is_file() and not p.is_symlink():
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(p)
-    return removed
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """UTF-8 `text` to `path`, atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -124,13 +59,13 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], kind: st
     flat = _storage_safe(tensors)
     full_meta = {"format": FORMAT, "kind": kind, "dusss_version": __version__, **meta}
     meta_json = json.dumps(full_meta, indent=2, default=str)
-    fd, tmp = _temp_file(path)
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
         save_file(flat, tmp, metadata={"format": FORMAT, "kind": kind, "meta": meta_json})
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from dusss import __version__
-from dusss.engine.checkpoint import atomic_write_bytes, atomic_write_text, sidecar_path
+from dusss.atomic import atomic_write_bytes, atomic_write_text
+from dusss.engine.checkpoint import sidecar_path
 from dusss.errors import CheckpointError, ConfigError
 from dusss.outputs import check_outputs
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dusss.engine.checkpoint import atomic_write_text
+from dusss.atomic import atomic_write_text
 from dusss.engine.distributed import is_main
 from dusss.errors import DataError
 

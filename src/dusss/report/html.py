@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dusss.engine.checkpoint import atomic_write_text
+from dusss.atomic import atomic_write_text
 from dusss.report.figures import png_data_uri
 
 ImageLike = np.ndarray | str | Path
