@@ -8,19 +8,6 @@ from pathlib import Path
 
 import pytest
 
-# Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) each test file runs on one worker, so its module
-# fixtures are built once; the files named here hold slow independent cases that are spread over the workers
-# instead (their module fixtures are cheap next to the cases).
-SPREAD_FILES = frozenset({"test_pretrain_learning.py"})
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group every test by its file for xdist's `loadgroup` scheduling, except the files in SPREAD_FILES."""
-    for item in items:
-        if item.path.name not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-
-
 @pytest.fixture(autouse=True)
 def restore_torch_threads() -> Iterator[None]:
     """A test that calls torch.set_num_threads(1) must not slow every test after it."""
