@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+
 @pytest.fixture(autouse=True)
 def restore_torch_threads() -> Iterator[None]:
     """A test that calls torch.set_num_threads(1) must not slow every test after it."""
