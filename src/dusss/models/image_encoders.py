@@ -175,7 +175,9 @@ class ViTImageEncoder(nn.Module):
         """The transformers config as a JSON-able dict (to rebuild the architecture from a checkpoint)."""
         return self.model.config.to_dict()
 
-    def forward(self, images: torch.Tensor, return_attention: bool = False) -> EncoderOutput:
+    def forward(self, images: torch.Tensor, return_attention: bool = False, with_cls: bool = True) -> EncoderOutput:
+        """Patch tokens and the [CLS] feature (`with_cls` is accepted for the encoders' common interface: the
+        [CLS] token costs nothing extra here, so it is always returned)."""
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         size = self.model.config.image_size

@@ -31,7 +31,7 @@ from dusss.config import bounded, check, check_fields, from_dict, to_dict
 from dusss.engine.checkpoint import load_checkpoint, load_state_into
 from dusss.errors import CheckpointError, ConfigError
 from dusss.models.heads import PDT, GlobalHead, LocalHead
-from dusss.models.image_encoders import EfficientNetImageEncoder, ImageEncoderConfig, build_image_encoder
+from dusss.models.image_encoders import ImageEncoderConfig, build_image_encoder
 from dusss.models.text_encoders import TextEncoderConfig, build_text_encoder
 
 MOMENTUM_PAIRS = (
@@ -123,10 +123,7 @@ class VisionLanguageModel(nn.Module):
         a CNN encoder then skips the stages that only its global feature needs (the text-mask generator)."""
         enc, ghead, lhead = self._branch("image", momentum)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not momentum):
-            if with_global or not isinstance(enc, EfficientNetImageEncoder):
-                out = enc(images, return_attention=with_attention)
-            else:
-                out = enc(images, return_attention=with_attention, with_cls=False)
+            out = enc(images, return_attention=with_attention, with_cls=with_global)
             glob = F.normalize(ghead(out.cls), dim=-1) if with_global else None
             loc = F.normalize(lhead(out.tokens), dim=-1)
         return {"global": glob, "local": loc, "grid": out.grid, "tokens": out.tokens, "cls": out.cls,
