@@ -9,6 +9,19 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest modules first: a module marked `pytest.mark.slow(seconds=N)` (its time at one thread) runs before
+    the unmarked ones, longest first, so that the two `make test` workers (`--dist loadfile`, one module per
+    worker at a time) do not end with one long module on one worker while the other idles. The order of the
+    tests inside a module is kept (the sort is stable)."""
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.kwargs.get("seconds", 0)) if mark is not None else 0.0
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 @pytest.fixture(autouse=True)
 def restore_torch_threads() -> Iterator[None]:
     """A test that calls torch.set_num_threads(1) must not slow every test after it."""

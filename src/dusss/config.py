@@ -214,11 +214,28 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` (the CLI's `--set KEY=VALUE`) -> {"a.b": 1, "c": "x"}; each value is read as a YAML
+    scalar (`1e-3`, `true`, `null`, `[1, 2]`); a later item wins. ConfigError names an item without `=` or key."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted config key (e.g. semi.ema_decay=0.99)")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not a YAML scalar") from None
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                presets: dict[str, Any] | None = None) -> T:
+                presets: dict[str, Any] | None = None, sets: dict[str, Any] | None = None) -> T:
     """Defaults of `cls`, then dotted `presets`, then the YAML file at `path`, then dotted `overrides`
-    (None values ignored). Every field is checked (type, range) before anything runs; a bad value that
-    came from the file is reported with the file's name."""
+    (None values ignored: a flag not given), then dotted `sets` (`--set KEY=VALUE`, None included). Every
+    field is checked (type, range) before anything runs; a bad value that came from the file is reported
+    with the file's name."""
     data: dict[str, Any] = to_dict(cls())
     for key, value in (presets or {}).items():
         set_path(data, key, value)
@@ -240,6 +257,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         if value is not None:
             set_path(data, key, value)
             flagged.add(key)
+    for key, value in (sets or {}).items():
+        set_path(data, key, value)
+        flagged.add(key)
     try:
         return from_dict(cls, data, "config")
     except FieldError as exc:

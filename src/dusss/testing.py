@@ -1,13 +1,25 @@
-"""Test doubles for code that consumes a VLM (the grounding decoder, the Step-2 methods).
+"""Test helpers: a stand-in VLM for code that consumes one (the grounding decoder, the Step-2 methods), and a
+runner of many CLI commands that pays `import torch` once.
 
 `BagOfWordsVLM` has `VisionLanguageModel`'s encode interface (`encode_image`, `encode_text`, `cfg.embed_dim`)
 at a few thousand parameters and with no pretrained files: a strided conv patchifier for images and a hashed
 bag-of-words embedding for texts. Use it to test a plug-in method or decoder without loading real encoders.
+
+`run_cli_forked` runs `dusss` commands, each in its own forked child of one prepared interpreter: each command
+is a separate process (its own exit code, stdout, stderr, working folder) that starts with the imports done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import traceback
 import zlib
+from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -46,4 +58,78 @@ class BagOfWordsVLM(nn.Module):
         return {"global": g, "local": g[:, None], "mask": torch.ones(len(texts), 1, dtype=torch.bool)}
 
 
-__all__ = ["BagOfWordsVLM"]
+def _child(argv: list[str], cwd: str, out: int, err: int) -> None:
+    """In the forked child: run `dusss argv` in `cwd` with stdout/stderr on `out`/`err`, then `os._exit` with its
+    exit code (never returns)."""
+    code = 1
+    try:
+        os.chdir(cwd)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        sys.argv = ["dusss", *argv]
+        from dusss.cli import main
+
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:  # what the interpreter would do with it
+            if exc.code is None or isinstance(exc.code, int):
+                code = int(exc.code or 0)
+            else:
+                print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 -- an escape from main() is a defect: show it as the interpreter would
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more to save
+                stream.flush()
+        os._exit(code)
+
+
+def run_cli_forked(jobs: Sequence[tuple[Sequence[str], str]], preload: Sequence[str] = (),
+                   timeout: float = 300.0) -> list[tuple[int, str, str, float]]:
+    """Run `dusss ARGV` in folder CWD for each (ARGV, CWD) of `jobs`, one after another, each in a child forked
+    from this process after importing the CLI and the modules in `preload`. Returns (exit code, stdout, stderr,
+    seconds) per job; a child that outlives `timeout` is killed (exit code -9).
+
+    Forking after torch has run compute can hang in the child (OpenMP's thread pool does not survive a fork), so
+    call this from a fresh interpreter that has only imported (`python -c`; tests/cli/test_error_sweep.py).
+    POSIX only (os.fork)."""
+    import importlib
+
+    import dusss.cli
+
+    dusss.cli._register()
+    for name in preload:
+        importlib.import_module(name)
+    results: list[tuple[int, str, str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="dusss-forked-") as tmp:
+        for i, (argv, cwd) in enumerate(jobs):
+            out_path, err_path = Path(tmp, f"{i}.out"), Path(tmp, f"{i}.err")
+            out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            t0 = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                _child(list(argv), cwd, out, err)
+            os.close(out)
+            os.close(err)
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    code = os.waitstatus_to_exitcode(status)
+                    break
+                if time.monotonic() - t0 > timeout:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    code = -9
+                    break
+                time.sleep(0.005)
+            results.append((code, out_path.read_text(errors="replace"), err_path.read_text(errors="replace"),
+                            time.monotonic() - t0))
+    return results
+
+
+__all__ = ["BagOfWordsVLM", "run_cli_forked"]

@@ -6,8 +6,9 @@ late and are now processed: they exit 0, print the fragment, and write the path 
 `data verify` is a report: it lists every problem it finds (one per line) and ends with
 `N problem(s) in MANIFEST`; that format is pinned by tests/cli/test_data_cli.py.
 
-The subprocesses run two at a time from one module fixture (most of their time is `import torch`); each
-case is then checked by its own parametrized test. Finer variants (every wrong-kind checkpoint, every config
+Each case is its own process, forked from one interpreter that has done the imports (`import torch` was most of
+a case's time), one after another in a module fixture; each is then checked by its own parametrized test, and a
+few cases also run through the console script, which must give the same exit code and output. Finer variants (every wrong-kind checkpoint, every config
 error, NaN loss, taken folders) run in-process in tests/engine/test_guards.py.
 """
 
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ from dusss.data.splits import make_split, save_split
 from dusss.engine.checkpoint import save_checkpoint
 from dusss.engine.runs import prepare_run_dir
 from dusss.models.unet import UNet, UNetConfig
+
+pytestmark = pytest.mark.slow(seconds=40)  # about this long at one thread (tests/conftest.py runs it early)
 
 ERROR, USAGE, REPORT, OK = "error", "usage", "report", "ok"
 SMALL = ["--width", "4", "--image-size", "32", "--device", "cpu", "--quiet", "--epochs", "1"]
@@ -291,29 +293,43 @@ def _issue17_inputs(root: Path, manifest: Path) -> dict[str, object]:
     return out
 
 
-@pytest.fixture(scope="module")
-def results(world: dict[str, str]) -> dict[str, tuple[int, str, str, float, dict[str, str]]]:
+# what the forked runner imports before its first fork: every module a command imports on its way
+PRELOAD = ["torch", "transformers", "dusss.data.lvit", "dusss.data.verify", "dusss.data.synth", "dusss.demo",
+           "dusss.engine.evaluate", "dusss.engine.export", "dusss.engine.predict", "dusss.engine.pretrain",
+           "dusss.engine.train", "dusss.report.textmap"]
+# cases also run through the console script itself, whose results must be the forked runner's
+CONSOLE_CHECKED = ["synth/n-too-small", "split/no-out", "caption/corrupt-png", "train/corrupt-image"]
+RESULT = tuple[int, str, str, float, dict[str, str]]
+
+
+def _thread_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONWARNINGS", None)
+    return env
 
-    def one(case: str) -> tuple[int, str, str, float, dict[str, str]]:
-        tmp = Path(world["root"]) / "cases" / case.replace("/", "__")
-        tmp.mkdir(parents=True)
-        values = world | {"tmp": str(tmp)}
-        argv = [a.format(**values) for a in CASES[case][0]]
-        t0 = time.monotonic()
-        proc = subprocess.run([*_dusss(), *argv], env=env, capture_output=True, text=True, timeout=300,
-                              cwd=tmp, check=False)
-        return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0, values
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(CASES, pool.map(one, CASES)))
+def _case_values(world: dict[str, str], case: str, under: str) -> dict[str, str]:
+    tmp = Path(world["root"]) / under / case.replace("/", "__")
+    tmp.mkdir(parents=True)
+    return world | {"tmp": str(tmp)}
+
+
+@pytest.fixture(scope="module")
+def results(world: dict[str, str]) -> dict[str, RESULT]:
+    """Every case as its own process: children forked one after another from one interpreter that has imported
+    the CLI (`dusss.testing.run_cli_forked`), so the sweep pays `import torch` once, not 52 times."""
+    values = {case: _case_values(world, case, "cases") for case in CASES}
+    jobs = [([a.format(**values[case]) for a in CASES[case][0]], values[case]["tmp"]) for case in CASES]
+    runner = ("import json, sys; from dusss.testing import run_cli_forked; "
+              "json.dump(run_cli_forked(json.load(sys.stdin), preload=json.loads(sys.argv[1])), sys.stdout)")
+    proc = subprocess.run([sys.executable, "-c", runner, json.dumps(PRELOAD)], input=json.dumps(jobs),
+                          env=_thread_env(), capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return {case: (*res, values[case]) for case, res in zip(CASES, json.loads(proc.stdout))}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gives_one_line_and_a_non_zero_exit(
-    results: dict[str, tuple[int, str, str, float, dict[str, str]]], case: str
-) -> None:
+def test_bad_input_gives_one_line_and_a_non_zero_exit(results: dict[str, RESULT], case: str) -> None:
     code, out, err, _, values = results[case]
     _, kind, fragment, absent = CASES[case]
     fragment = fragment.format(**values)
@@ -336,6 +352,18 @@ def test_bad_input_gives_one_line_and_a_non_zero_exit(
         assert any(line.startswith(fragment) for line in lines[:-1]), (fragment, err)
     if absent is not None:
         assert not Path(absent.format(**values)).exists()
+
+
+@pytest.mark.parametrize("case", CONSOLE_CHECKED)
+def test_the_console_script_gives_what_the_forked_runner_gives(world: dict[str, str], results: dict[str, RESULT],
+                                                               case: str) -> None:
+    values = _case_values(world, case, "console")
+    proc = subprocess.run([*_dusss(), *[a.format(**values) for a in CASES[case][0]]], env=_thread_env(),
+                          capture_output=True, text=True, timeout=300, cwd=values["tmp"], check=False)
+    code, out, err, _, forked = results[case]
+    assert proc.returncode == code
+    assert proc.stdout.replace(values["tmp"], "TMP") == out.replace(forked["tmp"], "TMP")
+    assert proc.stderr.replace(values["tmp"], "TMP") == err.replace(forked["tmp"], "TMP")
 
 
 def test_the_sweep_reports_its_count(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,7 +34,8 @@ from dusss.data.synth import generate_phantoms
 from dusss.engine.checkpoint import load_checkpoint
 from dusss.engine.logging import read_metrics
 
-pytestmark = pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow(seconds=60),  # about this long at one thread (tests/conftest.py runs it early)
+              pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed is not available")]
 
 # Shared by the worker processes and the single-process references (the worker imports this text).
 COMMON = textwrap.dedent('''

@@ -30,6 +30,8 @@ from dusss.methods.perturb import PerturbConfig
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig
 from dusss.models.unet import UNetConfig
 
+pytestmark = pytest.mark.slow(seconds=25)  # about this long at one thread (tests/conftest.py runs it early)
+
 EPOCHS = 4
 STEPS_PER_EPOCH = 4  # 7 labeled / 7 unlabeled rows (n=24, labeled 0.5), batch 2
 

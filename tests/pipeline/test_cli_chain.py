@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow(seconds=90)  # about this long at one thread (tests/conftest.py runs it early)
+
 TINY_VLM = """\
 vlm:
   image: {image_size: 32, hidden_size: 16, num_layers: 1, num_heads: 2, patch_size: 8}

@@ -13,6 +13,8 @@ from PIL import Image
 
 from dusss.demo import run_demo
 
+pytestmark = pytest.mark.slow(seconds=55)  # about this long at one thread (tests/conftest.py runs it early)
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:

@@ -21,6 +21,8 @@ from dusss.engine.train import TrainConfig, run_train
 from dusss.methods.segmentation import SegMethodConfig
 from dusss.models.unet import UNetConfig
 
+pytestmark = pytest.mark.slow(seconds=30)  # about this long at one thread (tests/conftest.py runs it early)
+
 
 @pytest.fixture(scope="module")
 def phantom_25(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow(seconds=90)  # about this long at one thread (tests/conftest.py runs it early)
+
 SIZE = 64
 
 

@@ -107,14 +107,16 @@ class TrainConfig:
         check(self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32|bf16|fp16, got {self.precision!r}")
 
 
-def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A `TrainConfig` from the YAML file at `path` and dotted `overrides`, on top of the chosen method's
-    published preset (`METHOD_PRESETS`): defaults < preset < file < overrides."""
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                      sets: dict[str, Any] | None = None) -> TrainConfig:
+    """A `TrainConfig` from the YAML file at `path`, dotted `overrides` (None: not given) and dotted `sets`
+    (`--set`), on top of the chosen method's published preset (`METHOD_PRESETS`): defaults < preset < file <
+    overrides < sets."""
     from dusss.config import load_config
     from dusss.methods.segmentation import seg_method_preset
 
-    method = load_config(TrainConfig, path, overrides).method
-    return load_config(TrainConfig, path, overrides, presets=seg_method_preset(method))
+    method = load_config(TrainConfig, path, overrides, sets=sets).method
+    return load_config(TrainConfig, path, overrides, presets=seg_method_preset(method), sets=sets)
 
 
 def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, list[Record]]:
