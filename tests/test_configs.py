@@ -1,20 +1,35 @@
-"""Every shipped YAML config loads into its dataclass (unknown keys or wrong types would fail here)."""
+"""Every shipped YAML config loads into its dataclass (unknown keys or wrong types would fail here), is found by
+its name, and is in the wheel; `--set` items parse as YAML scalars."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import subprocess
+import sys
 import typing
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from dusss.config import BOUNDS_KEY, MAX_SEED, Bounds, bounded, load_config
+from dusss.config import (
+    BOUNDS_KEY,
+    MAX_SEED,
+    Bounds,
+    bounded,
+    load_config,
+    packaged_configs,
+    parse_overrides,
+    resolve_config,
+)
 from dusss.engine.pretrain import PretrainConfig
 from dusss.engine.train import TrainConfig
 from dusss.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "src" / "dusss" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -22,6 +37,44 @@ def test_shipped_config_loads(path: Path) -> None:
     cls = PretrainConfig if path.name.startswith("pretrain") else TrainConfig
     cfg = load_config(cls, path)
     assert isinstance(cfg, cls)
+
+
+def test_packaged_configs_are_found_by_name_and_listed_when_missing(tmp_path: Path) -> None:
+    assert set(packaged_configs()) == {p.stem for p in CONFIGS.glob("*.yaml")} and len(packaged_configs()) == 7
+    assert resolve_config("train_paper_monuseg") == resolve_config("train_paper_monuseg.yaml")
+    assert resolve_config("train_paper_monuseg").samefile(CONFIGS / "train_paper_monuseg.yaml")
+    assert load_config(TrainConfig, "train_paper_qata").unet.base_width == 64
+    own = tmp_path / "train_paper_qata.yaml"  # a file of that name is the user's, and wins
+    own.write_text("epochs: 3\n")
+    assert resolve_config(own) == own
+    with pytest.raises(ConfigError, match=r"nope: config file not found \(packaged configs, usable by name: .*train_paper_qata"):
+        resolve_config("nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve_config(tmp_path / "train_paper_qata")  # a folder part: only that path
+
+
+def test_the_wheel_ships_the_configs(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("dusss-*.whl")
+    shipped = {n.removeprefix("dusss/configs/") for n in zipfile.ZipFile(wheel).namelist() if "/configs/" in n}
+    assert shipped == {p.name for p in CONFIGS.glob("*.yaml")}
+
+
+def test_set_items_parse_as_yaml_scalars() -> None:
+    assert parse_overrides(["semi.ema_decay=0.5", "lr=2e-3", "epochs=7", "augment=false", "vlm=", "method=mt",
+                            "unet.base_width=8", "epochs=9"]) == {
+        "semi.ema_decay": 0.5, "lr": 0.002, "epochs": 9, "augment": False, "vlm": "", "method": "mt",
+        "unet.base_width": 8}
+    assert parse_overrides(["semi.text_mask.skip_channels=null"]) == {"semi.text_mask.skip_channels": None}
+    for bad in ("epochs", "=3", "semi..x=1", "a=[1"):
+        with pytest.raises(ConfigError, match="--set"):
+            parse_overrides([bad])
 
 
 def test_paper_configs_use_the_paper_unet() -> None:

@@ -214,6 +214,27 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The YAML configs shipped inside the package (`dusss/configs/*.yaml`), by file name without `.yaml`."""
+    from importlib.resources import files
+
+    folder = Path(str(files("dusss") / "configs"))
+    return {f.stem: f for f in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The config file `path`, or the packaged config of that name (`train_paper_monuseg` or
+    `train_paper_monuseg.yaml`, no folder part) when no such file exists. ConfigError otherwise."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = packaged_configs()
+    if p.parent == Path(".") and p.name.removesuffix(".yaml") in shipped:
+        return shipped[p.name.removesuffix(".yaml")]
+    names = ", ".join(shipped) or "none"
+    raise ConfigError(f"{p}: config file not found (packaged configs, usable by name: {names})")
+
+
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """`["a.b=1", "c=x"]` (the CLI's `--set KEY=VALUE`) -> {"a.b": 1, "c": "x"}; each value is read as a YAML
     scalar (`1e-3`, `true`, `null`, `[1, 2]`); a later item wins. ConfigError names an item without `=` or key."""
@@ -224,9 +245,17 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted config key (e.g. semi.ema_decay=0.99)")
         try:
-            out[key] = yaml.safe_load(text) if text.strip() else ""
+            value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not a YAML scalar") from None
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; a user means the number
+            for number in (int, float):
+                try:
+                    value = number(value)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
     return out
 
 
@@ -241,9 +270,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         set_path(data, key, value)
     from_file: set[str] = set()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
+        p = resolve_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
