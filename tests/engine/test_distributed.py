@@ -24,6 +24,8 @@ from dusss.engine.runs import read_run
 
 
 def test_single_process_helpers_are_identities() -> None:
+    lin = torch.nn.Linear(2, 1)
+    assert distributed.wrap_ddp(lin, torch.device("cpu")) is lin  # no process group: no wrapper, no collectives
     x = torch.randn(3, 2, requires_grad=True)
     assert distributed.gather_with_grad(x) is x
     assert distributed.all_reduce_mean(x) is x
@@ -32,6 +34,18 @@ def test_single_process_helpers_are_identities() -> None:
     assert not distributed.is_distributed()
     assert not distributed.init_from_env("cpu")  # WORLD_SIZE unset: nothing to initialise
     distributed.barrier()
+
+
+def test_launch_env_reads_torchrun_then_slurm() -> None:
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "7",
+                "SLURM_PROCID": "3", "SLURM_NTASKS": "4"}
+    assert distributed.launch_env(torchrun) == {k: torchrun[k] for k in distributed.LAUNCH_KEYS}  # torchrun wins
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.2"}
+    assert distributed.launch_env(slurm) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                             "MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "29500"}
+    assert distributed.launch_env({**slurm, "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})["MASTER_ADDR"] == "n1"
+    assert distributed.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}  # one task: one process
+    assert distributed.launch_env({}) == {}
 
 
 WORKER = textwrap.dedent('''
@@ -58,6 +72,20 @@ WORKER = textwrap.dedent('''
         (g * weights).sum().backward()
         # every rank computed the same loss: the local slice receives the sum over ranks of its gradient
         res["grad_is_summed_local_slice"] = torch.equal(x.grad, 2 * weights[2 * rank: 2 * rank + 2])
+        # DDP: rank 0's weights at wrap time; no_sync keeps a micro-step's gradient local; the last micro-step
+        # (two forwards, one backward, as the methods' labeled + unlabeled passes) averages the accumulated sum
+        lin = torch.nn.Linear(3, 1, bias=False)
+        torch.nn.init.constant_(lin.weight, float(rank + 5))
+        ddp = distributed.wrap_ddp(lin, torch.device("cpu"))
+        res["ddp"] = isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        res["wrapped_weight"] = lin.weight.flatten().tolist()
+        x1 = torch.full((2, 3), float(rank + 1))
+        with distributed.no_sync_unless(ddp, False):
+            ddp(x1).sum().backward()
+        res["local_grad"] = lin.weight.grad.flatten().tolist()
+        with distributed.no_sync_unless(ddp, True):
+            (ddp(x1).sum() + ddp(2 * x1).sum()).backward()
+        res["synced_grad"] = lin.weight.grad.flatten().tolist()
         res["mean"] = distributed.all_reduce_mean(torch.tensor([float(rank)])).item()
         res["sum"] = distributed.all_reduce_sum(torch.tensor([float(rank + 1)])).item()
         # rank-aware infrastructure: rank 0 writes the run folder, every rank takes the same guard decision
@@ -107,6 +135,9 @@ def test_two_process_gloo_gather_and_reduce(tmp_path: Path) -> None:
         assert res[r]["rank"] == r and res[r]["world"] == 2 and res[r]["main"] == (r == 0)
         assert res[r]["gathered"] == [1.0, 1.0, 2.0, 2.0]  # concatenated in rank order
         assert res[r]["grad_is_summed_local_slice"]
+        assert res[r]["ddp"] and res[r]["wrapped_weight"] == [5.0] * 3
+        assert res[r]["local_grad"] == [2.0 * (r + 1)] * 3  # 2 rows of r+1, not averaged
+        assert res[r]["synced_grad"] == [12.0] * 3  # mean over ranks of 2(r+1) + 2(r+1) + 4(r+1)
         assert res[r]["mean"] == pytest.approx(0.5) and res[r]["sum"] == pytest.approx(3.0)
         assert res[r]["guard"]  # a different config is refused on every rank
     record = read_run(tmp_path / "run")

@@ -1,4 +1,5 @@
-"""torchrun/DDP helpers: environment detection, rank queries, all-gather with gradient, reductions.
+"""torchrun/DDP helpers: environment detection, the DistributedDataParallel wrapper, rank queries, all-gather
+with gradient, reductions.
 
 A single process (no torchrun) needs none of this: every helper degrades to the identity.
 """
@@ -34,17 +35,73 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_MASTER_PORT = "29500"
+# How long a collective may wait for the other ranks before the run fails (instead of hanging for ever);
+# DUSSS_DIST_TIMEOUT_S overrides it (validation and checkpoint writes on rank 0 happen inside one wait).
+DEFAULT_TIMEOUT_S = 1800
+
+
+def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): torchrun's
+    own when WORLD_SIZE is set; else, under SLURM (`srun -n4 dusss train ...`), derived from SLURM_PROCID,
+    SLURM_NTASKS and SLURM_LOCALID, with MASTER_ADDR from the environment or the launch node's address and
+    MASTER_PORT from the environment or 29500; else {} (a single process)."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get("WORLD_SIZE"):
+        return {k: env[k] for k in LAUNCH_KEYS if k in env}
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        master = env.get("MASTER_ADDR") or env.get("SLURM_LAUNCH_NODE_IPADDR") or "127.0.0.1"
+        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": master,
+                "MASTER_PORT": env.get("MASTER_PORT", DEFAULT_MASTER_PORT)}
+    return {}
+
+
 def init_from_env(device: str = "cpu") -> bool:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1). Returns True if it did."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    """Initialise the process group when launched by torchrun or srun (world size > 1), with a timeout
+    (`DEFAULT_TIMEOUT_S`, or DUSSS_DIST_TIMEOUT_S). The launch variables are written into os.environ (under
+    SLURM too), so every later rank query agrees. Returns True if it initialised the group."""
+    if dist.is_available() and dist.is_initialized():
         return False
+    env = launch_env()
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    os.environ.update(env)
     spec = str(device).strip().lower()
     wants_cuda = spec.startswith("cuda") or spec == "auto"
     backend = "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend)
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=float(os.environ.get("DUSSS_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    dist.init_process_group(backend=backend, timeout=timeout)
     return True
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` inside `DistributedDataParallel` when a process group is up (itself in one process).
+
+    DDP copies rank 0's parameters and buffers to every rank at wrap time and all-reduces the gradients
+    (mean over ranks) in buckets overlapped with the backward pass; use `no_sync_unless(...)` around the
+    micro-steps of gradient accumulation that must not communicate. Buffers are not re-broadcast at every
+    forward (`broadcast_buffers=False`): BatchNorm running statistics are copied from rank 0 after each
+    optimizer step (`broadcast_module(..., buffers_only=True)`), so ranks stay identical between steps.
+    Every parameter must get a gradient in every step (no `find_unused_parameters`)."""
+    if not is_distributed():
+        return module
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def no_sync_unless(module: torch.nn.Module, sync: bool) -> Any:
+    """`module.no_sync()` (gradients kept local) unless `sync`, for a DDP-wrapped module; else a no-op context."""
+    import contextlib
+
+    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 def cleanup() -> None:

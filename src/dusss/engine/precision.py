@@ -102,14 +102,11 @@ def compile_inplace(module: torch.nn.Module, enabled: bool, **kwargs: Any) -> to
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP (`.module`) and/or torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    """The plain module inside DDP (`.module`) and/or torch.compile (`._orig_mod`) wrappers
+    (`dusss.models.ema.unwrap`, the one implementation)."""
+    from dusss.models.ema import unwrap
+
+    return unwrap(model)
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:

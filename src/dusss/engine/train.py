@@ -203,7 +203,6 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
         raise DataError(cfg.splits, "val split is empty: needed for early stopping and model selection")
 
     student = UNet(cfg.unet).to(device)
-    dist.broadcast_module(student)  # every rank starts from rank 0's weights (as DDP does at wrap time)
     maybe_channels_last(student, cfg.channels_last)
     needs_vlm = SEG_METHODS[cfg.method].needs_vlm
     vlm = None
@@ -213,7 +212,10 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
         from dusss.models.vlm import VisionLanguageModel
 
         vlm = VisionLanguageModel.from_checkpoint(cfg.vlm).to(device)
-    method = build_seg_method(cfg.method, cfg.semi, student, vlm)
+    # Under torchrun the method trains the student through DistributedDataParallel (rank 0's weights everywhere
+    # from here on; bucketed gradient all-reduce during backward); the EMA teacher copies the plain module.
+    trained_student = dist.wrap_ddp(student, device)
+    method = build_seg_method(cfg.method, cfg.semi, trained_student, vlm)
     method.to(device)
     uses_unlabeled = method.uses_unlabeled and bool(parts["unlabeled"])
 
@@ -250,7 +252,11 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
                    if n_unl else None)
 
     params = [p for p in method.parameters() if p.requires_grad]
-    dist.broadcast_tensors(params)  # text-mask decoder and friends: rank 0's initial weights everywhere
+    # Parameters outside the student (text-mask generator, gates): rank 0's initial weights everywhere, and
+    # their gradients averaged by hand after backward (the student's are DDP's).
+    student_ids = {id(p) for p in student.parameters()} if trained_student is not student else set()
+    other_params = [p for p in params if id(p) not in student_ids]
+    dist.broadcast_tensors(other_params)
     compile_inplace(student, cfg.compile)  # after the EMA teacher's deep copy; state-dict keys unchanged
     scaler = make_grad_scaler(cfg.precision, device)
     # No weight decay on scalars, biases and norm parameters (gates, kappa/beta, temperatures); the text-mask
@@ -313,12 +319,14 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
             image_keys = ("image",) if cfg.channels_last else ()
             lab_batch = to_device(lab_batch, device, image_keys)
             unl_batch = to_device(unl_batch, device, image_keys) if unl_batch is not None else None
-            with autocast_context(device, cfg.precision):
-                loss, logs = method.loss(lab_batch, unl_batch, step, total_steps)
-            backward_micro_step(loss, logs, scaler, accum, step, best_path, device, sums, counts)
-            if i % accum != accum - 1:
+            last_micro = i % accum == accum - 1  # DDP all-reduces the student's gradients in this backward only
+            with dist.no_sync_unless(trained_student, last_micro):
+                with autocast_context(device, cfg.precision):
+                    loss, logs = method.loss(lab_batch, unl_batch, step, total_steps)
+                backward_micro_step(loss, logs, scaler, accum, step, best_path, device, sums, counts)
+            if not last_micro:
                 continue
-            dist.sync_gradients(params, average=True)
+            dist.sync_gradients(other_params, average=True)
             scaler.step(optimizer)
             scaler.update()
             dist.broadcast_module(student, buffers_only=True)  # rank 0's BatchNorm statistics (DDP's default)
