@@ -68,7 +68,7 @@ def tiny_vlm_checkpoint() -> Callable[[Path], Path]:
     """`write(path)` saves a seeded, randomly initialised 32-px VLM checkpoint (no pretrained files) at `path`."""
     import torch
 
-    from dusss.engine.checkpoint import save_checkpoint
+    from dusss.checkpoint import save_checkpoint
     from dusss.models.image_encoders import ImageEncoderConfig
     from dusss.models.text_encoders import TextEncoderConfig
     from dusss.models.vlm import VisionLanguageModel, VLMConfig

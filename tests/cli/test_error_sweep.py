@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dusss.checkpoint import save_checkpoint
 from dusss.data.manifest import read_manifest
 from dusss.data.splits import make_split, save_split
-from dusss.engine.checkpoint import save_checkpoint
 from dusss.engine.runs import prepare_run_dir
 from dusss.models.unet import UNet, UNetConfig
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dusss.checkpoint import save_checkpoint
 from dusss.cli import main
-from dusss.engine.checkpoint import save_checkpoint
 from dusss.models.unet import UNet, UNetConfig
 
 

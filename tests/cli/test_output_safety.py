@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dusss.checkpoint import save_checkpoint
 from dusss.cli import main
-from dusss.engine.checkpoint import save_checkpoint
 from dusss.engine.runlock import LOCK_FILE
 from dusss.engine.runs import prepare_run_dir
 from dusss.models.unet import UNet, UNetConfig

@@ -172,7 +172,7 @@ def test_register_reader_adds_an_extension(tmp_path: Path) -> None:
         np.testing.assert_allclose(read_image(path)[0, :, 0], [0.0, 1.0])
         assert np.array_equal(read_mask(path), [[0, 1]])
     finally:
-        readers._REGISTRY.pop(".npy", None)
+        readers.READERS.remove(".npy")
 
 
 # --- masks with an alpha channel (issue 17, class 4) ---------------------------------------------------------

@@ -28,10 +28,10 @@ import pytest
 import torch
 import torch.distributed as tdist
 
+from dusss.checkpoint import load_checkpoint
 from dusss.data.manifest import read_manifest
 from dusss.data.splits import make_split, save_split
 from dusss.data.synth import generate_phantoms
-from dusss.engine.checkpoint import load_checkpoint
 from dusss.engine.logging import read_metrics
 
 pytestmark = [pytest.mark.slow(seconds=60),  # about this long at one thread (tests/conftest.py runs it early)
@@ -84,7 +84,7 @@ WORKER = COMMON + textwrap.dedent('''
     import json, os, sys
     from pathlib import Path
 
-    from dusss.engine import distributed
+    from dusss import distributed
     import dusss.engine.pretrain as pretrain_mod
     import dusss.engine.train as train_mod
     from dusss.methods.pretrain import build_pretrain_objective
@@ -203,7 +203,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, phantoms: tuple[Path, Pa
 
 @pytest.mark.timeout(200)
 def test_gathered_objective_equals_single_process_loss_and_gradients(two_ranks: Path) -> None:
-    from dusss.engine.distributed import is_distributed
+    from dusss.distributed import is_distributed
     from dusss.methods.pretrain import build_pretrain_objective
     from dusss.models.vlm import VisionLanguageModel
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dusss import __version__
-from dusss.engine.checkpoint import save_checkpoint
+from dusss.checkpoint import save_checkpoint
 from dusss.engine.export import export_model, sidecar_for
 from dusss.errors import CheckpointError, ConfigError
 from dusss.models.unet import UNet, UNetConfig

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dusss.checkpoint import save_checkpoint, sidecar_path
 from dusss.cli import main
-from dusss.engine.checkpoint import save_checkpoint, sidecar_path
 from dusss.methods.segmentation import SEG_METHODS
 from dusss.models.unet import UNet, UNetConfig
 

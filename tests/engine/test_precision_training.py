@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import dusss.engine.train as train_mod
+from dusss.checkpoint import load_checkpoint
 from dusss.cli import main
 from dusss.config import load_config
 from dusss.data.manifest import read_manifest
 from dusss.data.splits import make_split, save_split
 from dusss.data.synth import generate_phantoms
-from dusss.engine.checkpoint import load_checkpoint
 from dusss.engine.logging import read_metrics
 from dusss.engine.precision import compile_inplace
 from dusss.engine.train import TrainConfig, run_train

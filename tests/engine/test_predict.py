@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dusss.checkpoint import save_checkpoint
 from dusss.engine import predict
-from dusss.engine.checkpoint import save_checkpoint
 from dusss.models.unet import UNet, UNetConfig
 
 

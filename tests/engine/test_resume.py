@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dusss.checkpoint import load_checkpoint
 from dusss.cli import main
-from dusss.engine.checkpoint import load_checkpoint
 from dusss.engine.train import TrainConfig, load_segmentation_model, run_train
 from dusss.methods.perturb import PerturbConfig
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dusss.engine.checkpoint import save_checkpoint
+from dusss.checkpoint import save_checkpoint
 from dusss.errors import CheckpointError, ConfigError
 from dusss.models.unet import UNet, UNetConfig
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dusss.checkpoint import save_checkpoint
 from dusss.config import from_dict, to_dict
-from dusss.engine.checkpoint import save_checkpoint
 from dusss.errors import CheckpointError
 from dusss.models.image_encoders import ImageEncoderConfig
 from dusss.models.text_encoders import TextEncoderConfig

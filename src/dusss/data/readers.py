@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dusss.errors import DataError
+from dusss.registry import Registry
 
 ReaderFn = Callable[[Path, "int | None"], np.ndarray]
 
@@ -38,7 +39,7 @@ class _Entry:
     scale: str
 
 
-_REGISTRY: dict[str, _Entry] = {}
+READERS: Registry[_Entry] = Registry("image file extension")
 
 
 def register_reader(exts: Iterable[str], fn: ReaderFn, scale: str = "dtype") -> None:
@@ -50,12 +51,13 @@ def register_reader(exts: Iterable[str], fn: ReaderFn, scale: str = "dtype") -> 
         raise ValueError(f"scale must be 'dtype' or 'minmax', got {scale!r}")
     for ext in exts:
         e = ext.lower() if ext.startswith(".") else "." + ext.lower()
-        _REGISTRY[e] = _Entry(fn, scale)
+        READERS.remove(e)  # a later registration of an extension replaces the earlier one
+        READERS.add(e, _Entry(fn, scale))
 
 
 def known_extensions() -> list[str]:
     """Registered extensions, sorted."""
-    return sorted(_REGISTRY)
+    return READERS.names()
 
 
 def split_path(path: str | Path) -> tuple[Path, int | None]:
@@ -72,7 +74,7 @@ def split_path(path: str | Path) -> tuple[Path, int | None]:
 
 def _extension(path: Path) -> str:
     name = path.name.lower()
-    for ext in sorted(_REGISTRY, key=len, reverse=True):
+    for ext in sorted(READERS, key=len, reverse=True):
         if name.endswith(ext):
             return ext
     return path.suffix.lower()
@@ -101,7 +103,7 @@ def _too_large(path: str | Path, declared: str) -> DataError:
 def _read_raw(path: str | Path) -> tuple[np.ndarray, str, Path]:
     file, index = split_path(path)
     ext = _extension(file)
-    entry = _REGISTRY.get(ext)
+    entry = READERS.get(ext)
     if entry is None:
         shown = ext or "(none)"
         raise DataError(file, f"unknown image extension {shown} (known: {', '.join(known_extensions())})")

@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from dusss.atomic import atomic_write_text
+from dusss.checkpoint import sidecar_path
 from dusss.data.datasets import SegmentationDataset
 from dusss.data.manifest import read_manifest
-from dusss.engine.checkpoint import sidecar_path
 from dusss.engine.precision import resolve_device
 from dusss.engine.train import load_segmentation_model
 from dusss.errors import DataError

@@ -30,7 +30,7 @@ import torch
 
 from dusss import __version__
 from dusss.atomic import atomic_write_bytes, atomic_write_text
-from dusss.engine.checkpoint import sidecar_path
+from dusss.checkpoint import sidecar_path
 from dusss.errors import CheckpointError, ConfigError
 from dusss.outputs import check_outputs
 

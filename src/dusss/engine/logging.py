@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dusss.atomic import atomic_write_text
-from dusss.engine.distributed import is_main
+from dusss.distributed import is_main
 from dusss.errors import DataError
 
 if TYPE_CHECKING:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dusss.checkpoint import sidecar_path
 from dusss.data.readers import read_image
-from dusss.engine.checkpoint import sidecar_path
 from dusss.engine.precision import resolve_device
 from dusss.engine.train import load_segmentation_model
 from dusss.outputs import check_outputs, distinct_stems, unique_files

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from dusss import distributed as dist
+from dusss.checkpoint import load_state_into
 from dusss.config import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -27,8 +29,6 @@ from dusss.config import (
 )
 from dusss.data.datasets import PretrainDataset
 from dusss.data.manifest import read_manifest, record_files, refuse_leaks
-from dusss.engine import distributed as dist
-from dusss.engine.checkpoint import load_state_into
 from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
 from dusss.engine.precision import (
     autocast_context,
@@ -264,7 +264,7 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
             row.update({f"val/{k}": v for k, v in evaluate_retrieval(vlm, val_loader, device).items()})
         if dist.is_main():
             tensors, meta = vlm.to_checkpoint()
-            from dusss.engine.checkpoint import save_checkpoint
+            from dusss.checkpoint import save_checkpoint
 
             save_checkpoint(ckpt, tensors, "vlm", {**meta, "method": cfg.method, "epoch": epoch + 1,
                                                      "image_size": cfg.image_size, "objective": to_dict(cfg.objective)})

@@ -49,7 +49,7 @@ from typing import Any
 import yaml
 
 from dusss.atomic import atomic_write_text, remove_temp_leftovers
-from dusss.engine.distributed import barrier, broadcast_object, is_main
+from dusss.distributed import barrier, broadcast_object, is_main
 from dusss.engine.runlock import LOCK_FILE, RunLock, check_unlocked
 from dusss.errors import DataError, DusssError, notify
 from dusss.outputs import Inputs, inputs_inside

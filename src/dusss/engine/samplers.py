@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dusss.engine import distributed
+from dusss import distributed
 from dusss.errors import TrainingError
 
 

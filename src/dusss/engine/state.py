@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dusss.engine.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
+from dusss.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 
 STATE_KIND = "train_state"
 

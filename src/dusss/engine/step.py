@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dusss.engine import distributed as dist
+from dusss import distributed as dist
 from dusss.engine.precision import channels_last_input
 from dusss.engine.state import check_finite
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from dusss import distributed as dist
+from dusss.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from dusss.config import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -34,8 +36,6 @@ from dusss.config import (
 from dusss.data.datasets import SegmentationDataset
 from dusss.data.manifest import Record, read_manifest, record_files
 from dusss.data.splits import load_split
-from dusss.engine import distributed as dist
-from dusss.engine.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
 from dusss.engine.precision import (
     autocast_context,

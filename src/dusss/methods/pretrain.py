@@ -21,9 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dusss import distributed as dist
 from dusss.config import MAX_WEIGHT, bounded, check_fields
-from dusss.engine import distributed as dist
-from dusss.errors import ConfigError
 from dusss.losses.contrastive import (
     css_loss,
     g2l_infonce,
@@ -36,6 +35,7 @@ from dusss.losses.contrastive import (
 )
 from dusss.losses.uncertainty import sigma_from_logsigma
 from dusss.models.vlm import VisionLanguageModel
+from dusss.registry import Registry
 
 Batch = dict[str, Any]
 Logs = dict[str, float]
@@ -259,18 +259,14 @@ class AmvlmObjective(PretrainObjective):
         return loss, logs
 
 
-PRETRAIN_METHODS: dict[str, type[PretrainObjective]] = {
-    "dusss": DusssObjective,
-    "amvlm": AmvlmObjective,
-    "clip": ClipObjective,
-}
+PRETRAIN_METHODS: Registry[type[PretrainObjective]] = Registry("pre-training method")
+for _name, _objective in (("dusss", DusssObjective), ("amvlm", AmvlmObjective), ("clip", ClipObjective)):
+    PRETRAIN_METHODS.add(_name, _objective)
 
 
 def build_pretrain_objective(name: str, cfg: PretrainObjectiveConfig | None = None) -> PretrainObjective:
     """The objective registered under `name` ("dusss", "amvlm", "clip")."""
-    if name not in PRETRAIN_METHODS:
-        raise ConfigError(f"method: {name!r} is not one of {sorted(PRETRAIN_METHODS)}")
-    return PRETRAIN_METHODS[name](cfg)
+    return PRETRAIN_METHODS.lookup(name)(cfg)
 
 
 @torch.no_grad()

@@ -51,6 +51,7 @@ from dusss.methods.perturb import Mix, PerturbConfig, pseudo_targets, strong_vie
 from dusss.models.batchnorm import frozen_running_stats
 from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
 from dusss.models.grounding import TextMaskConfig, TextMaskGenerator
+from dusss.registry import Registry
 
 __all__ = [
     "SEG_METHODS",
@@ -149,7 +150,7 @@ class SegMethodConfig:
         check(self.text_gate in ("gain", "dice"), f"text_gate must be gain or dice, got {self.text_gate!r}")
 
 
-SEG_METHODS: dict[str, type[SegMethod]] = {}
+SEG_METHODS: Registry[type[SegMethod]] = Registry("segmentation method")
 MAX_SUB_REPORT_REGIONS = 64  # keep/drop draws per image for `text_sub_reports` (regions beyond are dropped)
 
 
@@ -157,10 +158,8 @@ def register_seg_method(name: str) -> Callable[[type[SegMethod]], type[SegMethod
     """Class decorator: register a `SegMethod` subclass under `name` in `SEG_METHODS`."""
 
     def deco(cls: type[SegMethod]) -> type[SegMethod]:
-        if name in SEG_METHODS:
-            raise ValueError(f"segmentation method {name!r} is already registered")
+        SEG_METHODS.add(name, cls)
         cls.name = name
-        SEG_METHODS[name] = cls
         return cls
 
     return deco
@@ -792,9 +791,7 @@ def build_seg_method(
     name: str, cfg: SegMethodConfig | None, student: nn.Module, vlm: nn.Module | None = None
 ) -> SegMethod:
     """Instantiate the registered method `name`; ConfigError for an unknown name or a missing VLM."""
-    if name not in SEG_METHODS:
-        raise ConfigError(f"unknown segmentation method {name!r}; choose from {sorted(SEG_METHODS)}")
-    cls = SEG_METHODS[name]
+    cls = SEG_METHODS.lookup(name)
     if cls.needs_vlm and vlm is None:
         raise ConfigError(f"method {name!r} needs a pretrained VLM (--vlm)")
     return cls(cfg or SegMethodConfig(), student, vlm)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,12 @@ from torch import nn
 
 from dusss.config import MAX_IMAGE_SIZE, bounded, check, check_fields
 from dusss.errors import CheckpointError, ConfigError
+from dusss.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_KINDS = ("vit", "efficientnet_lite0")
+# kind -> builder(cfg, hf_config, load_weights); filled below the encoder classes
+IMAGE_ENCODERS: Registry[Callable[..., nn.Module]] = Registry("image encoder")
 
 
 @dataclass
@@ -54,7 +56,7 @@ class ImageEncoderConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "image")
-        check(self.kind in IMAGE_KINDS, f"image.kind: {self.kind!r} is not one of {list(IMAGE_KINDS)}")
+        check(self.kind in IMAGE_ENCODERS, f"image.kind: {self.kind!r} is not one of {IMAGE_ENCODERS.names()}")
         check(self.image_size % self.patch_size == 0,
               f"image.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         check(self.hidden_size % self.num_heads == 0,
@@ -235,14 +237,18 @@ def build_image_encoder(cfg: ImageEncoderConfig, hf_config: dict[str, Any] | Non
                         load_weights: bool = True) -> nn.Module:
     """Build the encoder of `cfg`. `hf_config`/`load_weights=False` rebuild the architecture only (from a
     checkpoint's metadata) without reading any pretrained weights."""
-    if cfg.kind == "vit":
-        return ViTImageEncoder(cfg, hf_config=hf_config)
-    return EfficientNetImageEncoder(cfg, load_weights=load_weights)
+    return IMAGE_ENCODERS.lookup(cfg.kind)(cfg, hf_config=hf_config, load_weights=load_weights)
+
+
+IMAGE_ENCODERS.add("vit", lambda cfg, hf_config=None, load_weights=True: ViTImageEncoder(cfg, hf_config=hf_config))
+IMAGE_ENCODERS.add("efficientnet_lite0", lambda cfg, hf_config=None, load_weights=True:
+                   EfficientNetImageEncoder(cfg, load_weights=load_weights))
 
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "IMAGE_ENCODERS",
     "EfficientNetImageEncoder",
     "EncoderOutput",
     "ImageEncoderConfig",

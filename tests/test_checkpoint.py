@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dusss.engine import checkpoint as ck
-from dusss.engine.checkpoint import load_checkpoint, load_state_into, save_checkpoint, sidecar_path
+from dusss import checkpoint as ck
+from dusss.checkpoint import load_checkpoint, load_state_into, save_checkpoint, sidecar_path
 from dusss.errors import CheckpointError
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dusss.engine import distributed
+from dusss import distributed
 from dusss.engine.logging import read_metrics
 from dusss.engine.runs import read_run
 
@@ -52,7 +52,7 @@ WORKER = textwrap.dedent('''
     import json, sys
     from pathlib import Path
     import torch
-    from dusss.engine import distributed
+    from dusss import distributed
     from dusss.engine.logging import MetricsLogger
     from dusss.engine.runs import prepare_run_dir
     from dusss.engine.samplers import EpochSampler
