@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dusss.atomic import atomic_write_text
+from dusss.runfiles import RunFiles
 
 DEMO_METHODS = ("supervised", "mt", "dusss")
 # What a demo writes into its folder: only a folder holding nothing else is replaced by `overwrite`.
@@ -66,7 +67,7 @@ def demo_configs(out: Path, size: DemoSize, seed: int) -> tuple[Any, dict[str, A
     for method in DEMO_METHODS:
         overrides = {
             "data": manifest, "splits": str(out / "splits.json"), "out": str(out / method), "method": method,
-            "vlm": str(out / "vlm" / "vlm.safetensors") if SEG_METHODS[method].needs_vlm else "",
+            "vlm": str(RunFiles(out / "vlm").vlm) if SEG_METHODS[method].needs_vlm else "",
             "epochs": size.train_epochs, "batch_size": size.batch_size, "image_size": size.image_size,
             "seed": seed, "lr": 1e-3, "patience": max(size.train_epochs, 1),  # no early stop: equal steps
             "unet.base_width": size.unet_width, "curves_every": 0, "pseudo_label_eval_max": 32,
@@ -109,8 +110,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         timings[method] = time.time() - t
         ev = evaluate_run(out / method, manifest, split="test")
         results[method] = {"dice": ev["dice"], "miou": ev["iou"], "hd95": ev.get("hd95", float("nan")),
-                           **val_stability(read_metrics(out / method / "metrics.jsonl"))}
-    pseudo = _last_pseudo_label_dice(out / "dusss" / "metrics.jsonl")
+                           **val_stability(read_metrics(RunFiles(out / method).metrics))}
+    pseudo = _last_pseudo_label_dice(RunFiles(out / "dusss").metrics)
     summary = {"methods": results, "pseudo_label_dice": pseudo, "seconds": time.time() - t0,
                "train_seconds": timings, "size": size.__dict__, "seed": seed}
     print("[5/5] report")

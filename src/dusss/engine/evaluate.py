@@ -24,6 +24,7 @@ from dusss.engine.train import load_segmentation_model
 from dusss.errors import DataError
 from dusss.metrics import SegmentationMetrics
 from dusss.outputs import check_outputs
+from dusss.runfiles import run_file
 
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
@@ -65,7 +66,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "test", 
     if not labeled:
         raise DataError(data, f"split {split!r} has no rows with masks to evaluate against")
     out_dir = Path(out) if out else eval_dir(model_path, split)
-    source = Path(model_path) / "model.safetensors" if Path(model_path).is_dir() else Path(model_path)
+    source = run_file(model_path)
     check_outputs([out_dir / METRICS_FILE, out_dir / PER_IMAGE_FILE],
                   inputs=[("--model", source), ("--model's sidecar", sidecar_path(source)), ("--data", data)],
                   overwrite=overwrite)

@@ -33,6 +33,7 @@ from dusss.atomic import atomic_write_bytes, atomic_write_text
 from dusss.checkpoint import sidecar_path
 from dusss.errors import CheckpointError, ConfigError
 from dusss.outputs import check_outputs
+from dusss.runfiles import run_file
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "dusss-export-v1"
@@ -93,7 +94,7 @@ def _threshold(meta: dict[str, Any], path: Path) -> float:
 def _resolve_checkpoint(model_path: str | Path) -> Path:
     """A run folder -> its model.safetensors (what `load_segmentation_model` loads)."""
     path = Path(model_path)
-    return path / "model.safetensors" if path.is_dir() else path
+    return run_file(path)
 
 
 def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> bytes:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from dusss import runfiles
 from dusss.atomic import atomic_write_text
 from dusss.distributed import is_main
 from dusss.errors import DataError
@@ -28,9 +29,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-JSONL_FILE = "metrics.jsonl"
+JSONL_FILE = runfiles.METRICS
 CURVES_EVERY = 5  # the loops redraw curves.png every this many epochs and at the end (a plot costs ~0.5 s)
-CSV_FILE = "metrics.csv"
+CSV_FILE = runfiles.METRICS_CSV
 TB_DIR = "tb"
 _TB_WARNED = False
 

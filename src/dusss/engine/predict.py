@@ -21,6 +21,7 @@ from dusss.engine.precision import resolve_device
 from dusss.engine.train import load_segmentation_model
 from dusss.outputs import check_outputs, distinct_stems, unique_files
 from dusss.report.figures import contour_overlay, save_png
+from dusss.runfiles import run_file
 
 
 def predict_probability(model: torch.nn.Module, image: np.ndarray, image_size: int, device: torch.device) -> np.ndarray:
@@ -50,7 +51,7 @@ def predict_files(model_path: str | Path, images: list[str | Path], out: str | P
     """
     images = unique_files(images)
     names = output_names(images, out, overlays)
-    source = Path(model_path) / "model.safetensors" if Path(model_path).is_dir() else Path(model_path)
+    source = run_file(model_path)
     inputs = [("--model", source), ("--model's sidecar", sidecar_path(source)), *(("image", p) for p in images)]
     check_outputs([p for pair in names for p in pair if p is not None], inputs=inputs, overwrite=overwrite)
     dev = resolve_device(device)

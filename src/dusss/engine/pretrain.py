@@ -58,6 +58,7 @@ from dusss.methods.pretrain import (
     retrieval_at_k,
 )
 from dusss.models.vlm import VisionLanguageModel, VLMConfig
+from dusss.runfiles import RunFiles
 
 
 @dataclass
@@ -211,7 +212,8 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
     # Everything above only reads: a bad input fails before the run folder is created or touched.
     run = prepare_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain",
                           frozen_on_resume=("vlm", "method"), inputs=[*inputs, *record_files(records)], hold=hold)
-    state_path = run / "state.safetensors"
+    files = RunFiles(run)
+    state_path = files.state
     logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step = 0, 0
     if resume and state_path.is_file():
@@ -226,7 +228,7 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
     if resume and logger:
         logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
 
-    ckpt = run / "vlm.safetensors"
+    ckpt = files.vlm
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -271,7 +273,7 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
             assert logger is not None
             logger.log(step, row, epoch=epoch + 1)
             if (epoch + 1) % CURVES_EVERY == 0:
-                plot_curves(run / "metrics.jsonl", run / "curves.png")
+                plot_curves(files.metrics, files.curves)
             # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
             modules = {"vlm": vlm.state_dict()}
             if isinstance(objective, torch.nn.Module) and len(objective.state_dict()):
@@ -282,9 +284,9 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
         dist.barrier()
     if logger:
         logger.close()
-        plot_curves(run / "metrics.jsonl", run / "curves.png")
+        plot_curves(files.metrics, files.curves)
     if dist.is_main():
-        (run / "DONE").write_text(f"{time.time() - t_start:.1f}\n")
+        files.done.write_text(f"{time.time() - t_start:.1f}\n")
     return ckpt
 
 
@@ -292,7 +294,7 @@ def pretrain_summary(run: Path) -> dict[str, Any]:
     """Last logged row of a pre-training run (for reports)."""
     import json
 
-    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    lines = RunFiles(run).metrics.read_text().splitlines()
     return json.loads(lines[-1]) if lines else {}
 
 

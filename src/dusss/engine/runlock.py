@@ -24,9 +24,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from dusss import runfiles
 from dusss.errors import DusssError, notify
 
-LOCK_FILE = ".dusss.lock"
+LOCK_FILE = runfiles.LOCK
 UNREADABLE_GRACE_S = 10.0  # a lock file without content younger than this is being written right now
 
 _HELD: set[str] = set()  # lock files this process holds (a lock naming our own pid but not here is stale)

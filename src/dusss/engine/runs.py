@@ -48,16 +48,14 @@ from typing import Any
 
 import yaml
 
+from dusss import runfiles
 from dusss.atomic import atomic_write_text, remove_temp_leftovers
 from dusss.distributed import barrier, broadcast_object, is_main
 from dusss.engine.runlock import LOCK_FILE, RunLock, check_unlocked
 from dusss.errors import DataError, DusssError, notify
 from dusss.outputs import Inputs, inputs_inside
 
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
-VERSIONS_FILE = "versions.json"
-SPLIT_FILE = "split.json"
+RUN_FILE, CONFIG_FILE, VERSIONS_FILE, SPLIT_FILE = runfiles.RUN, runfiles.CONFIG, runfiles.VERSIONS, runfiles.SPLIT
 
 
 def plain(value: Any) -> Any:

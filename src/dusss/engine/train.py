@@ -61,6 +61,7 @@ from dusss.errors import ConfigError, DataError
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method
 from dusss.metrics import SegmentationMetrics
 from dusss.models.unet import UNet, UNetConfig
+from dusss.runfiles import RunFiles, run_file
 
 MODEL_KIND = "segmentation"
 
@@ -133,8 +134,7 @@ def load_segmentation_model(path: str | Path, device: torch.device | str = "cpu"
     from dusss.config import from_dict
 
     path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
+    path = run_file(path)
     tensors, meta = load_checkpoint(path, MODEL_KIND)
     try:
         cfg = from_dict(UNetConfig, meta["unet"], "unet")
@@ -268,8 +268,9 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
                           frozen_on_resume=("unet", "method"), inputs=[*inputs, *record_files(records)], hold=hold)
     if dist.is_main():
         copy_split(cfg.splits, run)
-    state_path = run / "state.safetensors"
-    best_path = run / "model.safetensors"
+    files = RunFiles(run)
+    state_path = files.state
+    best_path = files.model
     logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step, best_dice, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
     if resume and state_path.is_file():
@@ -356,12 +357,12 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
                 bad_epochs += 1
             # stability: how far this epoch's val Dice sits below the best so far (0 at a new best)
             row.update({"best/val_dice": best_dice, "best/epoch": best_epoch, "val/drop_from_best": best_dice - dice})
-            save_checkpoint(run / "last.safetensors", student.state_dict(), MODEL_KIND,
+            save_checkpoint(files.last, student.state_dict(), MODEL_KIND,
                             {**meta_common, "epoch": epoch + 1, "val_dice": dice})
             assert logger is not None
             logger.log(step, row, epoch=epoch + 1)
             if cfg.curves_every and (epoch + 1) % cfg.curves_every == 0:
-                plot_curves(run / "metrics.jsonl", run / "curves.png")
+                plot_curves(files.metrics, files.curves)
             # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
             modules = {"student": student.state_dict()}
             msd = method.state_dict()
@@ -376,9 +377,9 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
         dist.barrier()
     if logger:
         logger.close()
-        plot_curves(run / "metrics.jsonl", run / "curves.png")
+        plot_curves(files.metrics, files.curves)
     if dist.is_main():
-        (run / "DONE").write_text(f"{time.time() - t_run:.1f}\n")
+        files.done.write_text(f"{time.time() - t_run:.1f}\n")
     return run
 
 
@@ -404,5 +405,5 @@ def _save_text_mask(method: Any, run: Path, cfg: TrainConfig) -> None:
     gen = getattr(method, "text_mask", None)
     if gen is None or not hasattr(gen, "trainable_state_dict"):
         return
-    save_checkpoint(run / "text_mask.safetensors", gen.trainable_state_dict(), "text_mask",
+    save_checkpoint(RunFiles(run).text_mask, gen.trainable_state_dict(), "text_mask",
                     {"vlm": str(cfg.vlm), "text_mask": to_dict(cfg.semi)})

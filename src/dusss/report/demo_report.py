@@ -10,6 +10,7 @@ import numpy as np
 from dusss.data.manifest import read_manifest
 from dusss.data.readers import read_image, read_mask
 from dusss.engine.logging import read_metrics
+from dusss.runfiles import RunFiles
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
@@ -31,7 +32,7 @@ def _metric_curves(runs: dict[str, Path], keys: list[tuple[str, str]]) -> np.nda
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], keys):
         for name, run in runs.items():
-            path = run / "metrics.jsonl"
+            path = RunFiles(run).metrics
             if not path.is_file():
                 continue
             rows = read_metrics(path)
@@ -58,7 +59,7 @@ def _pseudo_curves(run: Path) -> np.ndarray:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = read_metrics(RunFiles(run).metrics)
     fig, ax = plt.subplots(figsize=(4.8, 3.2))
     for name in ("teacher", "text", "merged"):
         pts = [(r["epoch"], r[f"pseudo/{name}_dice"]) for r in rows if f"pseudo/{name}_dice" in r]
@@ -145,10 +146,10 @@ def write_demo_report(out: Path, summary: dict[str, Any], manifest: Path, n_exam
             "Test images: ground truth (green) and each method's prediction (red)",
             ["image", "ground truth"] + methods, grid_rows, captions=None))
 
-    if test and (out / "dusss" / "text_mask.safetensors").is_file():
+    if test and RunFiles(out / "dusss").text_mask.is_file():
         rec = test[0]
         image = read_image(rec.image)
-        gen = load_text_mask_generator(out / "vlm" / "vlm.safetensors", out / "dusss", device)
+        gen = load_text_mask_generator(RunFiles(out / "vlm").vlm, out / "dusss", device)
         prompts = heatmap_prompts(rec.text)
         maps = text_probability_maps(gen, image, prompts, size)
         sections.append(ImageGridSection(
@@ -163,13 +164,13 @@ def write_demo_report(out: Path, summary: dict[str, Any], manifest: Path, n_exam
                ("val/dice", "validation Dice")]),
         caption="per epoch, each method; L_sup is the same term for every method, the totals add each method's "
                 "unlabeled and text terms"))
-    if (out / "dusss" / "metrics.jsonl").is_file():
+    if RunFiles(out / "dusss").metrics.is_file():
         sections.append(ImageSection("Pseudo-labels during training", _pseudo_curves(out / "dusss"),
                                      caption="Dice of the teacher's, the text mask's and the merged pseudo-labels "
                                              "against the hidden masks of the unlabeled images"))
-    if (out / "vlm" / "curves.png").is_file():
+    if RunFiles(out / "vlm").curves.is_file():
         from PIL import Image
 
-        sections.append(ImageSection("VLM pre-training", np.asarray(Image.open(out / "vlm" / "curves.png").convert("RGB")),
+        sections.append(ImageSection("VLM pre-training", np.asarray(Image.open(RunFiles(out / "vlm").curves).convert("RGB")),
                                      caption="loss terms and validation retrieval"))
     return build_report(out / "report.html", "dusss demo report", sections)

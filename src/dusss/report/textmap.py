@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dusss.data.readers import read_image
 from dusss.engine.precision import resolve_device
+from dusss.runfiles import TEXT_MASK, run_file
 
 
 def load_text_mask_generator(vlm_path: str | Path, model_run: str | Path | None, device: torch.device):
@@ -24,7 +25,7 @@ def load_text_mask_generator(vlm_path: str | Path, model_run: str | Path | None,
     tensors, cfg = None, SegMethodConfig().text_mask
     if model_run is not None:
         path = Path(model_run)
-        path = path / "text_mask.safetensors" if path.is_dir() else path
+        path = run_file(path, TEXT_MASK)
         tensors, meta = load_checkpoint(path, "text_mask")
         saved = (meta.get("text_mask") or {}).get("text_mask")  # the run's semi config holds f_g's architecture
         if isinstance(saved, dict):
@@ -58,10 +59,9 @@ def textmap_figure(vlm_path: str | Path, image_path: str | Path, prompts: list[s
     from dusss.outputs import check_outputs
     from dusss.report.figures import heatmap, save_png
 
-    run_file = None if model_run is None else (
-        Path(model_run) / "text_mask.safetensors" if Path(model_run).is_dir() else Path(model_run))
+    mask_file = None if model_run is None else run_file(model_run, TEXT_MASK)
     inputs = [("image", image_path), ("--vlm", vlm_path), ("--vlm's sidecar", sidecar_path(vlm_path)),
-              ("--model", run_file), ("--model's sidecar", None if run_file is None else sidecar_path(run_file))]
+              ("--model", mask_file), ("--model's sidecar", None if mask_file is None else sidecar_path(mask_file))]
     check_outputs([out], inputs=inputs, overwrite=overwrite)
     dev = resolve_device(device)
     _, meta = load_checkpoint(vlm_path, "vlm")
