@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dusss.metrics import SegmentationMetrics, _min_distances, binarize, boundary, dice_score, hd95, iou_score
+from dusss.metrics import SegmentationMetrics, binarize, boundary, dice_score, hd95, iou_score
 
 
 def _mask(shape: tuple[int, int], *pixels: tuple[int, int]) -> torch.Tensor:
@@ -162,7 +162,8 @@ def test_one_pixel_truth_hand_values() -> None:
 
 
 def _reference(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
-    """Dice, IoU and HD95 written independently: set sizes and scipy's distance transform."""
+    """Dice, IoU and HD95 written independently: set sizes, scipy's erosion for the boundary and every pairwise
+    distance between the boundaries (brute force; `hd95` uses a distance transform)."""
     from scipy import ndimage
 
     inter, n_p, n_g = float((pred & gt).sum()), float(pred.sum()), float(gt.sum())
@@ -170,9 +171,9 @@ def _reference(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
     iou = inter / (n_p + n_g - inter)
     def edge(m: np.ndarray) -> np.ndarray:
         return m & ~ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
-    ep, eg = edge(pred), edge(gt)
-    d_to_g = ndimage.distance_transform_edt(~eg)[ep]
-    d_to_p = ndimage.distance_transform_edt(~ep)[eg]
+    ep, eg = np.argwhere(edge(pred)).astype(float), np.argwhere(edge(gt)).astype(float)
+    pairwise = np.sqrt(((ep[:, None, :] - eg[None, :, :]) ** 2).sum(-1))
+    d_to_g, d_to_p = pairwise.min(axis=1), pairwise.min(axis=0)
     return dice, iou, float(np.percentile(np.concatenate([d_to_g, d_to_p]), 95))
 
 
@@ -231,10 +232,13 @@ def test_boundary_is_face_connected_in_3d() -> None:
     assert int(b.sum()) == 6 and not bool(b[2, 2, 2])  # the centre has all 6 face neighbours: interior
 
 
-def test_min_distances_in_chunks() -> None:
-    a = torch.tensor([[0.0, 0.0], [0.0, 3.0], [4.0, 0.0], [1.0, 1.0], [6.0, 8.0]])
-    b = torch.tensor([[0.0, 0.0]])
-    torch.testing.assert_close(_min_distances(a, b, chunk=2), torch.tensor([0.0, 3.0, 4.0, math.sqrt(2), 10.0]))
+def test_hd95_in_3d_with_anisotropic_spacing() -> None:
+    a = torch.zeros(5, 6, 7, dtype=torch.bool)
+    a[1:4, 1:4, 1:4] = True
+    b = torch.roll(a, 2, dims=2)  # the cube moved 2 voxels along the last axis
+    assert hd95(a, b) == pytest.approx(2.0)
+    assert hd95(a, b, spacing=(1.0, 1.0, 0.5)) == pytest.approx(1.0)
+    assert hd95(a, b, spacing=(3.0, 3.0, 1.0)) == pytest.approx(2.0)  # only the shifted axis matters
 
 
 def test_hd95_drops_singleton_batch_dims_and_thresholds_soft_masks() -> None:

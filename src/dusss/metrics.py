@@ -134,14 +134,6 @@ def _shifted(padded: torch.Tensor, axis: int, offset: int, shape: Sequence[int])
     return out
 
 
-def _min_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """For each point of `a` [Na,D], the Euclidean distance to the nearest point of `b` [Nb,D]."""
-    out = []
-    for start in range(0, a.shape[0], chunk):
-        out.append(torch.cdist(a[start : start + chunk], b).min(dim=1).values)
-    return torch.cat(out)
-
-
 def hd95(
     pred: torch.Tensor | np.ndarray,
     gt: torch.Tensor | np.ndarray,
@@ -150,8 +142,12 @@ def hd95(
     """95th-percentile symmetric Hausdorff distance between binary masks (2-D or 3-D), NaN if either is empty.
 
     Distances between boundary pixels, scaled by `spacing` (one value or one per axis); the percentile is
-    taken over the union of both directed distance sets (medpy's definition).
+    taken over the union of both directed distance sets (medpy's definition). Each directed set is read off a
+    Euclidean distance transform of the other boundary's complement (scipy.ndimage.distance_transform_edt:
+    O(pixels) in 2-D and 3-D, where all boundary pairs would be O(boundary²)).
     """
+    from scipy import ndimage
+
     p = _as_tensor(pred)
     g = _as_tensor(gt)
     p = p.bool() if p.dtype == torch.bool else p.float() > 0.5
@@ -163,15 +159,13 @@ def hd95(
         raise ValueError(f"prediction {tuple(p.shape)} and ground truth {tuple(g.shape)} differ in shape")
     if not p.any() or not g.any():
         return math.nan
-    sp = torch.as_tensor(
-        [float(spacing)] * p.ndim if isinstance(spacing, (int, float)) else list(spacing), dtype=torch.float64
-    )
-    if sp.numel() != p.ndim:
-        raise ValueError(f"spacing has {sp.numel()} values for a {p.ndim}-D mask")
-    pts_p = boundary(p).nonzero().double() * sp
-    pts_g = boundary(g).nonzero().double() * sp
-    dists = torch.cat([_min_distances(pts_p, pts_g), _min_distances(pts_g, pts_p)])
-    return float(np.percentile(dists.numpy(), 95))
+    sp = [float(spacing)] * p.ndim if isinstance(spacing, (int, float)) else [float(s) for s in spacing]
+    if len(sp) != p.ndim:
+        raise ValueError(f"spacing has {len(sp)} values for a {p.ndim}-D mask")
+    edge_p, edge_g = boundary(p).numpy(), boundary(g).numpy()
+    to_g = ndimage.distance_transform_edt(~edge_g, sampling=sp)[edge_p]  # each P-boundary pixel to the nearest G one
+    to_p = ndimage.distance_transform_edt(~edge_p, sampling=sp)[edge_g]
+    return float(np.percentile(np.concatenate([to_g, to_p]), 95))
 
 
 class SegmentationMetrics:
