@@ -55,3 +55,29 @@ def test_a_failure_while_predicting_writes_nothing(tmp_path: Path, model: Path,
     with pytest.raises(RuntimeError, match="boom"):
         predict.predict_files(model, images, out, device="cpu")
     assert len(calls) == 2 and (not out.exists() or not any(out.iterdir()))
+
+
+def test_prediction_resizes_the_image_as_training_does() -> None:
+    """A large image is shrunk with the training resize (antialiased bilinear, `resize_image`), not a plain
+    bilinear interpolation: on a fine stripe pattern the two differ, and the model must see the first."""
+    import torch
+    import torch.nn.functional as F
+
+    from dusss.data.transforms import model_input, resize_image
+
+    stripes = np.zeros((128, 128, 3), np.float32)
+    stripes[:, 3::8] = stripes[:, 4::8] = 1.0  # 2 of every 8 columns, where a plain 8x bilinear samples (3.5 + 8k)
+    x = model_input(stripes, 16)
+    assert x.shape == (1, 3, 16, 16)
+    assert np.allclose(x[0].permute(1, 2, 0).numpy(), resize_image(stripes, 16))
+    assert abs(float(x.mean()) - 0.25) < 0.05 and float(x.std()) < 0.05  # antialiased: the stripes' share
+    plain = F.interpolate(torch.from_numpy(stripes.transpose(2, 0, 1))[None], size=(16, 16), mode="bilinear",
+                          align_corners=False)
+    assert float(plain.min()) > 0.99  # what predict used to feed the model: all stripe, aliased
+
+    class Probe(torch.nn.Module):  # returns its input's first channel as logits, to see what predict fed it
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t[:, :1] * 0 + torch.logit(t[:, :1].clamp(1e-4, 1 - 1e-4))
+
+    prob = predict.predict_probability(Probe(), stripes, 16, torch.device("cpu"))
+    assert prob.shape == (128, 128) and abs(float(prob.mean()) - 0.25) < 0.05 and float(prob.std()) < 0.05

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 POLICIES = ("text_safe", "lvit")
 
@@ -59,6 +63,24 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
         for c in range(image.shape[2])
     ]
     return np.clip(np.stack(chans, axis=2), 0.0, 1.0).astype(np.float32)
+
+
+def model_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """[H,W,3] float image -> [1,3,S,S] float32 tensor, resized exactly as training resizes (`resize_image`:
+    antialiased bilinear), so that inference sees what the network was trained on."""
+    import torch
+
+    resized = resize_image(image, size)
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()[None]
+
+
+def logits_at(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Logits [B,C,S,S] brought back to an image's [H,W] (bilinear on logits, then threshold or sigmoid)."""
+    import torch.nn.functional as F
+
+    if tuple(logits.shape[-2:]) == tuple(shape):
+        return logits.float()
+    return F.interpolate(logits.float(), size=tuple(shape), mode="bilinear", align_corners=False)
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

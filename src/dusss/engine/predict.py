@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from dusss.checkpoint import sidecar_path
 from dusss.data.readers import read_image
+from dusss.data.transforms import logits_at, model_input
 from dusss.engine.precision import resolve_device
 from dusss.engine.train import load_segmentation_model
 from dusss.outputs import check_outputs, distinct_stems, unique_files
@@ -25,14 +25,11 @@ from dusss.runfiles import run_file
 
 
 def predict_probability(model: torch.nn.Module, image: np.ndarray, image_size: int, device: torch.device) -> np.ndarray:
-    """Foreground probability [H,W] at the image's own resolution (model runs at image_size²)."""
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
-    h, w = image.shape[:2]
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    """Foreground probability [H,W] at the image's own resolution (the model runs at image_size², on the image
+    resized as in training)."""
     with torch.no_grad():
-        logits = model(x.to(device)).float()
-    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return torch.sigmoid(logits)[0, 0].cpu().numpy()
+        logits = model(model_input(image, image_size).to(device))
+    return torch.sigmoid(logits_at(logits, image.shape[:2]))[0, 0].cpu().numpy()
 
 
 def output_names(images: list[str | Path], out: str | Path, overlays: bool = True) -> list[tuple[Path, Path | None]]:

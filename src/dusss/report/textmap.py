@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dusss.data.readers import read_image
 from dusss.engine.precision import resolve_device
@@ -40,13 +39,11 @@ def load_text_mask_generator(vlm_path: str | Path, model_run: str | Path | None,
 @torch.no_grad()
 def text_probability_maps(generator, image: np.ndarray, prompts: list[str], image_size: int) -> np.ndarray:
     """σ(text logits) [P,H,W] at the image's resolution, one map per prompt."""
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()[None]
-    h, w = image.shape[:2]
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    from dusss.data.transforms import logits_at, model_input
+
     device = next(generator.parameters()).device
-    logits = generator.text_logits(x.to(device), prompts)  # [P,1,S,S]
-    logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-    return torch.sigmoid(logits)[:, 0].cpu().numpy()
+    logits = generator.text_logits(model_input(image, image_size).to(device), prompts)  # [P,1,S,S]
+    return torch.sigmoid(logits_at(logits, image.shape[:2]))[:, 0].cpu().numpy()
 
 
 def textmap_figure(vlm_path: str | Path, image_path: str | Path, prompts: list[str], out: str | Path,
