@@ -293,3 +293,22 @@ def test_accumulator_global_dice_edge_cases() -> None:
     m.update(_mask((4, 4), (0, 0))[None, None], torch.zeros(1, 1, 4, 4))
     assert m.compute()["global_dice"] == 0.0  # 2·0/(1+0)
     assert math.isnan(m.compute()["dice_std"])  # both images skipped: no Dice to spread
+
+
+@pytest.mark.parametrize(("policy", "empty_hit", "empty_miss"), [("one", 1.0, 0.0), ("zero", 0.0, 0.0)])
+def test_the_accumulator_applies_its_empty_policy_to_iou_as_to_dice(policy: str, empty_hit: float,
+                                                                    empty_miss: float) -> None:
+    """Images with an empty ground truth: an empty prediction scores `empty_hit`, any foreground `empty_miss`,
+    in the IoU column as in the Dice column; a lesion image (IoU 1/2, Dice 2/3) is scored as usual."""
+    gt = torch.zeros(3, 1, 4, 4)
+    gt[2, 0, 0, :2] = 1.0  # image 2: two lesion pixels
+    pred = torch.zeros(3, 1, 4, 4)
+    pred[1, 0, 3, 3] = 1.0  # image 1: a false positive on an empty image
+    pred[2, 0, 0, :4] = 1.0  # image 2: four pixels, two of them right
+    m = SegmentationMetrics(empty_policy=policy, compute_hd95=False)
+    m.update(pred, gt, ["empty-hit", "empty-miss", "lesion"])
+    assert [r["iou"] for r in m.rows] == [empty_hit, empty_miss, pytest.approx(0.5)]
+    assert [r["dice"] for r in m.rows] == [empty_hit, empty_miss, pytest.approx(2 / 3)]
+    out = m.compute()
+    assert out["iou"] == pytest.approx((empty_hit + empty_miss + 0.5) / 3)
+    assert out["n_empty"] == 2.0 and out["n_scored"] == 3.0
