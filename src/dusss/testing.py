@@ -58,6 +58,20 @@ class BagOfWordsVLM(nn.Module):
         return {"global": g, "local": g[:, None], "mask": torch.ones(len(texts), 1, dtype=torch.bool)}
 
 
+def run_cli_in_process(argv: Sequence[str], capsys: Any) -> tuple[int, str, str]:
+    """`dusss ARGV` through `dusss.cli.main` in this process: (exit code, stdout, stderr), the output read from
+    pytest's `capsys` fixture (in-process CLI tests)."""
+    from dusss.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def _child(argv: list[str], cwd: str, out: int, err: int) -> None:
     """In the forked child: run `dusss argv` in `cwd` with stdout/stderr on `out`/`err`, then `os._exit` with its
     exit code (never returns)."""
@@ -132,4 +146,4 @@ def run_cli_forked(jobs: Sequence[tuple[Sequence[str], str]], preload: Sequence[
     return results
 
 
-__all__ = ["BagOfWordsVLM", "run_cli_forked"]
+__all__ = ["BagOfWordsVLM", "run_cli_forked", "run_cli_in_process"]

@@ -10,19 +10,12 @@ import pytest
 import typer
 import yaml
 
-from dusss.cli import _register, app, main
+from dusss.cli import _register, app
 from dusss.methods.pretrain import PRETRAIN_METHODS
 from dusss.methods.segmentation import SEG_METHODS
+from dusss.testing import run_cli_in_process
 
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli_in_process  # (exit code, stdout, stderr) of `dusss ARGV`, in process
 
 
 def _commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:

@@ -14,16 +14,9 @@ from PIL import Image
 
 from dusss.cli import main
 from dusss.data.manifest import read_manifest
+from dusss.testing import run_cli_in_process
 
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli_in_process  # (exit code, stdout, stderr) of `dusss ARGV`, in process
 
 
 def _png(path: Path, arr: np.ndarray) -> None:

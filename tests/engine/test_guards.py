@@ -18,19 +18,13 @@ from dusss.checkpoint import save_checkpoint, sidecar_path
 from dusss.cli import main
 from dusss.methods.segmentation import SEG_METHODS
 from dusss.models.unet import UNet, UNetConfig
+from dusss.testing import run_cli_in_process
 
 TRAIN_FLAGS = ["--batch-size", "2", "--width", "4", "--image-size", "32", "--device", "cpu", "--seed", "0",
                "--quiet"]
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli_in_process  # (exit code, stdout, stderr) of `dusss ARGV`, in process
 
 
 def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
