@@ -108,6 +108,20 @@ def unique_files(paths: Iterable[str | Path]) -> list[Path]:
     return kept
 
 
+def _base(file: Path) -> str:
+    """A file's name without its extension: `scan.png` -> `scan`, `scan.nii.gz` -> `scan`, and a volume's slice
+    `vol.nii.gz#slice=12` -> `vol_slice12`."""
+    name, _, fragment = file.name.partition("#")
+    lower = name.lower()
+    for ext in (".nii.gz", ".tar.gz"):
+        if lower.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    else:
+        name = Path(name).stem
+    return f"{name}_{fragment.replace('=', '')}" if fragment else name
+
+
 def distinct_stems(paths: Sequence[str | Path]) -> list[str]:
     """One output base name per input file, never the same for two inputs (compared case-insensitively).
 
@@ -118,7 +132,7 @@ def distinct_stems(paths: Sequence[str | Path]) -> list[str]:
     """
     files = [Path(os.path.realpath(os.fspath(p))) for p in paths]
     folders = [f.parent.relative_to(f.anchor).parts for f in files]  # parent folder names, root excluded
-    names = [f.stem for f in files]
+    names = [_base(f) for f in files]
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         groups.setdefault(name.casefold(), []).append(i)
@@ -127,7 +141,7 @@ def distinct_stems(paths: Sequence[str | Path]) -> list[str]:
             continue
         depth = max(len(folders[i]) for i in members)
         for k in range(1, depth + 1):
-            cand = {i: "__".join([*folders[i][-k:], files[i].stem]) for i in members}
+            cand = {i: "__".join([*folders[i][-k:], _base(files[i])]) for i in members}
             if len({c.casefold() for c in cand.values()}) == len(members):
                 for i, c in cand.items():
                     names[i] = c

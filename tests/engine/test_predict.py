@@ -81,3 +81,29 @@ def test_prediction_resizes_the_image_as_training_does() -> None:
 
     prob = predict.predict_probability(Probe(), stripes, 16, torch.device("cpu"))
     assert prob.shape == (128, 128) and abs(float(prob.mean()) - 0.25) < 0.05 and float(prob.std()) < 0.05
+
+
+def test_nifti_images_get_nifti_masks_in_their_world_space(tmp_path: Path, model: Path) -> None:
+    """A NIfTI image's mask is NAME_mask.nii.gz with the image's geometry: a 2-D file's affine, or for a slice
+    of a volume the volume's affine moved to that slice; its voxels are the PNG mask's (0/1)."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(0)
+    affine = np.array([[0.8, 0, 0, -10.0], [0, 0.8, 0, 5.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+    volume = (rng.random((20, 24, 5)) * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "vol.nii.gz"))
+    nib.save(nib.Nifti1Image(volume[:, :, 3], affine), str(tmp_path / "flat.nii"))
+    Image.fromarray(((volume[:, :, 3] - volume[:, :, 3].min()) * 255 // np.ptp(volume[:, :, 3])).astype(np.uint8)
+                    ).save(tmp_path / "flat_as.png")
+    written = predict.predict_files(model, [f"{tmp_path}/vol.nii.gz#slice=3", tmp_path / "flat.nii"],
+                                    tmp_path / "out", device="cpu")
+    assert [p.name for p in written] == ["vol_slice3_mask.nii.gz", "flat_mask.nii.gz"]
+    sliced, flat = (nib.load(str(p)) for p in written)
+    assert sliced.shape == (20, 24, 1) and flat.shape == (20, 24)
+    moved = affine.copy()
+    moved[:3, 3] += 3 * affine[:3, 2]  # voxel (i, j, 0) of the mask is voxel (i, j, 3) of the volume
+    np.testing.assert_allclose(sliced.affine, moved)
+    np.testing.assert_allclose(flat.affine, affine)
+    a, b = np.asarray(sliced.dataobj)[:, :, 0], np.asarray(flat.dataobj)
+    assert a.dtype == np.uint8 and set(np.unique(a)) <= {0, 1} and np.array_equal(a, b)  # the same slice
+    (png,) = predict.predict_files(model, [tmp_path / "flat_as.png"], tmp_path / "png", device="cpu")
+    assert png.name == "flat_as_mask.png" and (tmp_path / "out" / "vol_slice3_overlay.png").is_file()

@@ -187,7 +187,8 @@ def evaluate(
 
 
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPG/TIF/NIfTI/DICOM).")],
+    images: Annotated[list[Path], typer.Argument(
+        help="Image files (PNG/JPG/TIF/NIfTI/DICOM; a volume's slice as FILE.nii.gz#slice=N).")],
     model: RunModel,
     out: Annotated[Path, typer.Option(help="Output folder for masks and overlays.")],
     device: EvalDevice = "auto",
@@ -195,9 +196,10 @@ def predict(
 ) -> None:
     """Masks and overlays from the student alone (no text needed at inference).
 
-    Writes OUT/NAME_mask.png and OUT/NAME_overlay.png, NAME being the image's file name without its
-    extension; images with the same name in different folders are told apart by their folders
-    (a/scan.png, b/scan.png -> a__scan_mask.png, b__scan_mask.png).
+    Writes OUT/NAME_mask.png (for a NIfTI image OUT/NAME_mask.nii.gz, in the image's world space) and
+    OUT/NAME_overlay.png, NAME being the image's file name without its extension (a volume's slice
+    vol.nii.gz#slice=12 -> vol_slice12); images with the same name in different folders are told apart by
+    their folders (a/scan.png, b/scan.png -> a__scan_mask.png, b__scan_mask.png).
     """
     from dusss.engine.predict import predict_files
 

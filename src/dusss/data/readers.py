@@ -305,6 +305,29 @@ def _read_nifti(path: Path, index: int | None) -> np.ndarray:
     return np.asarray(img.dataobj[where])
 
 
+def is_nifti(path: str | Path) -> bool:
+    """True for a NIfTI file (`.nii`, `.nii.gz`), with or without a `#slice=N` suffix."""
+    name = split_path(path)[0].name.lower()
+    return name.endswith((".nii", ".nii.gz"))
+
+
+def nifti_slice_affine(path: str | Path) -> tuple[np.ndarray, bool]:
+    """(voxel-to-world affine of the 2-D slice that `read_image(path)` returns, whether the file is a volume).
+
+    The slice [i, j] of a volume is voxel (i, j, k) (`_slice_of`: the middle slice, or `#slice=k`), so its
+    affine is the volume's with the origin moved k steps along the third voxel axis; a 2-D file keeps its own."""
+    import nibabel
+
+    file, index = split_path(path)
+    img = nibabel.load(str(file))
+    affine = np.array(img.affine, dtype=np.float64)
+    where = _slice_of(tuple(int(n) for n in img.shape), index, file)
+    volume = len(where) > 2 and isinstance(where[2], int)
+    if volume:
+        affine[:3, 3] += affine[:3, 2] * int(where[2])
+    return affine, volume
+
+
 def _read_dicom(path: Path, index: int | None) -> np.ndarray:
     try:
         import pydicom

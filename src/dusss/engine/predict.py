@@ -1,6 +1,7 @@
 """Inference with the student U-Net alone: image in, mask out (no text, no VLM, no teacher).
 
-Outputs are OUT/<name>_mask.png and OUT/<name>_overlay.png, where <name> is the image's stem; images that
+Outputs are OUT/<name>_mask.png (OUT/<name>_mask.nii.gz for a NIfTI image, in its world space) and
+OUT/<name>_overlay.png, where <name> is the image's name without its extension (`scan.nii.gz` -> `scan`); images that
 share a stem are told apart by their parent folders (`a/scan.png`, `b/scan.png` -> `a__scan`, `b__scan`,
 see `dusss.outputs.distinct_stems`), and the same file given twice is predicted once. An output that is one
 of the inputs is refused, and existing outputs are replaced only with `overwrite`.
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from dusss.checkpoint import sidecar_path
-from dusss.data.readers import read_image
+from dusss.data.readers import is_nifti, nifti_slice_affine, read_image
 from dusss.data.transforms import logits_at, model_input
 from dusss.engine.precision import resolve_device
 from dusss.engine.train import load_segmentation_model
@@ -33,10 +34,24 @@ def predict_probability(model: torch.nn.Module, image: np.ndarray, image_size: i
 
 
 def output_names(images: list[str | Path], out: str | Path, overlays: bool = True) -> list[tuple[Path, Path | None]]:
-    """(mask path, overlay path or None) per image, never the same for two images (module docstring)."""
+    """(mask path, overlay path or None) per image, never the same for two images (module docstring); the mask
+    of a NIfTI image is a NIfTI file (`NAME_mask.nii.gz`), of any other a PNG."""
     out = Path(out)
-    return [(out / f"{n}_mask.png", out / f"{n}_overlay.png" if overlays else None)
-            for n in distinct_stems([Path(p) for p in images])]
+    return [(out / f"{n}_mask{'.nii.gz' if is_nifti(p) else '.png'}", out / f"{n}_overlay.png" if overlays else None)
+            for n, p in zip(distinct_stems([Path(p) for p in images]), images)]
+
+
+def _write_mask(mask: np.ndarray, path: Path, source: str | Path) -> None:
+    """A {0,1} mask as PNG (0/255), or for a NIfTI source as NIfTI (uint8 0/1) in the source's world space:
+    the slice's affine (`nifti_slice_affine`), one slice deep for a volume."""
+    if path.name.endswith(".nii.gz"):
+        import nibabel
+
+        affine, volume = nifti_slice_affine(source)
+        data = mask[:, :, None] if volume else mask
+        nibabel.save(nibabel.Nifti1Image(data.astype(np.uint8), affine), str(path))
+        return
+    Image.fromarray(mask * 255, mode="L").save(path)  # single-channel 0/255
 
 
 def predict_files(model_path: str | Path, images: list[str | Path], out: str | Path, device: str = "auto",
@@ -62,8 +77,8 @@ def predict_files(model_path: str | Path, images: list[str | Path], out: str | P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for (mask, overlay_image), (mask_path, overlay_path) in zip(results, names):
-        Image.fromarray(mask * 255, mode="L").save(mask_path)  # single-channel 0/255
+    for (mask, overlay_image), (mask_path, overlay_path), source in zip(results, names, images):
+        _write_mask(mask, mask_path, source)
         if overlay_path is not None and overlay_image is not None:
             save_png(overlay_image, overlay_path)
         written.append(mask_path)
