@@ -183,9 +183,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(
                 run_train(_config(data, out))
         assert _state_epoch(out) == 2 and [r["epoch"] for r in _rows(out)] == [1, 2]
     else:  # killed after epoch 2's metrics row and checkpoints, before its resume point
-        from dusss.engine import train as train_module
+        from dusss.engine import loop as loop_module  # where both loops write their resume point
 
-        original_save = train_module.save_train_state
+        original_save = loop_module.save_train_state
 
         def crash_save(path, modules, optimizer, meta, *a, **k):  # type: ignore[no-untyped-def]
             if meta["epoch"] == 2:
@@ -193,7 +193,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(
             return original_save(path, modules, optimizer, meta, *a, **k)
 
         with monkeypatch.context() as mp:
-            mp.setattr(train_module, "save_train_state", crash_save)
+            mp.setattr(loop_module, "save_train_state", crash_save)
             with pytest.raises(_Crash):
                 run_train(_config(data, out))
         assert _state_epoch(out) == 1 and [r["epoch"] for r in _rows(out)] == [1, 2]

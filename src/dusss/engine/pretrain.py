@@ -12,7 +12,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from dusss import distributed as dist
-from dusss.checkpoint import load_state_into
 from dusss.config import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -29,27 +28,16 @@ from dusss.config import (
 )
 from dusss.data.datasets import PretrainDataset
 from dusss.data.manifest import read_manifest, record_files, refuse_leaks
-from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
+from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves
+from dusss.engine.loop import Stepper, begin_run, finish_run, load_resume_point, save_resume_point
 from dusss.engine.precision import (
-    autocast_context,
     compile_inplace,
     make_grad_scaler,
     maybe_channels_last,
-    resolve_device,
-    restore_grad_scaler,
-    set_threads,
 )
 from dusss.engine.runs import check_run_dir, prepare_run_dir
 from dusss.engine.samplers import EpochSampler
-from dusss.engine.seed import rng_state, seed_everything, set_rng_state
-from dusss.engine.state import (
-    cosine_lr,
-    load_train_state,
-    optimizer_from_tensors,
-    save_train_state,
-    set_lr,
-)
-from dusss.engine.step import backward_micro_step, to_device
+from dusss.engine.step import to_device
 from dusss.errors import ConfigError, DataError
 from dusss.methods.pretrain import (
     PRETRAIN_METHODS,
@@ -149,10 +137,8 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
 
 def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: ExitStack) -> Path:
     """`run_pretrain`'s body; the run folder's lock is released when `hold` closes."""
-    dist.init_from_env(cfg.device)
-    device = resolve_device(cfg.device)
-    set_threads(cfg.threads)
-    seed_everything(cfg.seed + dist.rank())
+    dist.init_from_env(cfg.device)  # first, so that the seed below can differ per rank
+    device = begin_run(cfg.device, cfg.threads, cfg.seed + dist.rank())
     inputs = [("--data", cfg.data), ("--image-encoder", cfg.vlm.image.path), ("--text-encoder", cfg.vlm.text.path)]
     # a taken output folder is reported at once (prepare_run_dir decides again, and writes, further down)
     check_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain",
@@ -217,51 +203,26 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
     logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step = 0, 0
     if resume and state_path.is_file():
-        modules, otensors, _, meta = load_train_state(state_path)
-        load_state_into(vlm, modules.get("vlm", {}), state_path)
-        if isinstance(objective, torch.nn.Module) and "objective" in modules:
-            objective.load_state_dict(modules["objective"])
-        optimizer_from_tensors(optimizer, otensors, meta["optimizer"])
+        optional = {"objective": objective} if isinstance(objective, torch.nn.Module) else {}
+        meta = load_resume_point(state_path, {"vlm": vlm}, optional, optimizer, scaler)
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
-        set_rng_state(meta["rng"])
-        restore_grad_scaler(scaler, meta)
     if resume and logger:
         logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
 
     ckpt = files.vlm
     t_start = time.time()
+    stepper = Stepper(optimizer, scaler, accum, total_steps, warmup, device, cfg.precision, ckpt,
+                      sync_params=trainable, buffers_of=vlm, after_step=lambda _: vlm.update_momentum())
+    image_keys = ("image", "image_aug") if cfg.channels_last else ()
+    n_micro = steps_per_epoch * accum
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         vlm.train()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        t0 = time.time()
-        n_micro = steps_per_epoch * accum
-        for i, batch in enumerate(progress(loader, desc=f"pretrain {epoch + 1}/{cfg.epochs}", total=n_micro,
-                                           enabled=cfg.progress)):
-            if i >= n_micro:
-                break
-            if i % accum == 0:  # first micro-batch of an optimizer step
-                set_lr(optimizer, cosine_lr(step, total_steps, 1.0, warmup))
-                optimizer.zero_grad(set_to_none=True)
-            batch = to_device(batch, device, ("image", "image_aug") if cfg.channels_last else ())
-            with autocast_context(device, cfg.precision):
-                loss, logs = objective(vlm, batch)
-            backward_micro_step(loss, logs, scaler, accum, step, ckpt, device, sums, counts)
-            if i % accum != accum - 1:
-                continue
-            dist.sync_gradients(trainable, average=True)
-            scaler.step(optimizer)
-            scaler.update()
-            dist.broadcast_module(vlm, buffers_only=True)  # BatchNorm heads: rank 0's statistics everywhere
-            vlm.update_momentum()
-            step += 1
-        seconds = time.time() - t0
-        row: dict[str, Any] = {f"train/{k}": v for k, v in dist.mean_over_ranks(sums, counts).items()}
-        row["seconds_per_epoch"] = seconds
-        row["images_per_s"] = n_micro * cfg.batch_size / max(seconds, 1e-9)
-        row["lr"] = optimizer.param_groups[0]["lr"]
+        step, sums, counts, seconds = stepper.epoch(
+            loader, n_micro, step, lambda batch, _: objective(vlm, to_device(batch, device, image_keys)),
+            f"pretrain {epoch + 1}/{cfg.epochs}", cfg.progress)
+        row = stepper.train_row(sums, counts, seconds, n_micro * cfg.batch_size)
         if val_loader is not None and dist.is_main():
             row.update({f"val/{k}": v for k, v in evaluate_retrieval(vlm, val_loader, device).items()})
         if dist.is_main():
@@ -276,17 +237,11 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
                 plot_curves(files.metrics, files.curves)
             # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
             modules = {"vlm": vlm.state_dict()}
-            if isinstance(objective, torch.nn.Module) and len(objective.state_dict()):
+            if isinstance(objective, torch.nn.Module):
                 modules["objective"] = objective.state_dict()
-            save_train_state(state_path, modules, optimizer,
-                             {"epoch": epoch + 1, "step": step, "rng": rng_state(),
-                              "grad_scaler": scaler.state_dict()})
+            save_resume_point(state_path, modules, optimizer, scaler, {"epoch": epoch + 1, "step": step})
         dist.barrier()
-    if logger:
-        logger.close()
-        plot_curves(files.metrics, files.curves)
-    if dist.is_main():
-        files.done.write_text(f"{time.time() - t_start:.1f}\n")
+    finish_run(logger, files, t_start)
     return ckpt
 
 

@@ -36,27 +36,17 @@ from dusss.config import (
 from dusss.data.datasets import SegmentationDataset
 from dusss.data.manifest import Record, read_manifest, record_files
 from dusss.data.splits import load_split
-from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves, progress
+from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves
+from dusss.engine.loop import Stepper, begin_run, finish_run, load_resume_point, save_resume_point
 from dusss.engine.precision import (
     autocast_context,
     compile_inplace,
     make_grad_scaler,
     maybe_channels_last,
-    resolve_device,
-    restore_grad_scaler,
-    set_threads,
 )
 from dusss.engine.runs import check_run_dir, copy_split, prepare_run_dir
 from dusss.engine.samplers import EpochSampler, epoch_batches
-from dusss.engine.seed import rng_state, seed_everything, set_rng_state
-from dusss.engine.state import (
-    cosine_lr,
-    load_train_state,
-    optimizer_from_tensors,
-    save_train_state,
-    set_lr,
-)
-from dusss.engine.step import backward_micro_step, to_device
+from dusss.engine.step import to_device
 from dusss.errors import ConfigError, DataError
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method
 from dusss.metrics import SegmentationMetrics
@@ -186,10 +176,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
 
 def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack) -> Path:
     """`run_train`'s body; the run folder's lock is released when `hold` closes."""
-    dist.init_from_env(cfg.device)
-    device = resolve_device(cfg.device)
-    set_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    device = begin_run(cfg.device, cfg.threads, cfg.seed)
     inputs = [("--data", cfg.data), ("--splits", cfg.splits), ("--vlm", cfg.vlm)]
     # a taken output folder is reported at once (prepare_run_dir decides again, and writes, further down)
     check_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="train",
@@ -274,15 +261,9 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
     logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
     start_epoch, step, best_dice, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
     if resume and state_path.is_file():
-        modules, otensors, _, meta = load_train_state(state_path)
-        load_state_into(student, modules.get("student", {}), state_path)
-        if "method" in modules:
-            method.load_state_dict(modules["method"])
-        optimizer_from_tensors(optimizer, otensors, meta["optimizer"])
+        meta = load_resume_point(state_path, {"student": student}, {"method": method}, optimizer, scaler)
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
         best_dice, best_epoch, bad_epochs = float(meta["best_dice"]), int(meta["best_epoch"]), int(meta["bad_epochs"])
-        set_rng_state(meta["rng"])
-        restore_grad_scaler(scaler, meta)
     if resume and logger:
         logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
 
@@ -293,6 +274,18 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
     warmup_logs: dict[str, float] = {}
     if start_epoch == 0 and step == 0 and cfg.semi.text_warmup_steps and hasattr(method, "warmup"):
         warmup_logs = _warmup_text_mask(method, lab_ds, lab_sampler, rbs_l, cfg, device)
+    stepper = Stepper(optimizer, scaler, accum, total_steps, int(cfg.warmup_fraction * total_steps), device,
+                      cfg.precision, best_path, sync_params=other_params,
+                      ddp_module=trained_student if trained_student is not student else None,
+                      buffers_of=student, after_step=method.after_step)
+    image_keys = ("image",) if cfg.channels_last else ()
+
+    def loss_of(micro: tuple[dict[str, Any], dict[str, Any] | None], at: int) -> tuple[torch.Tensor, dict[str, float]]:
+        lab_batch, unl_batch = micro
+        lab_batch = to_device(lab_batch, device, image_keys)
+        unl_batch = to_device(unl_batch, device, image_keys) if unl_batch is not None else None
+        return method.loss(lab_batch, unl_batch, at, total_steps)
+
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
             break
@@ -308,36 +301,9 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
             unl_iter = iter(DataLoader(unl_ds, batch_size=rbs_u, sampler=list(unl_sampler),
                                        num_workers=cfg.num_workers, pin_memory=pin))
         method.train()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        t0 = time.time()
-        for i, lab_batch in enumerate(progress(lab_loader, desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}",
-                                               total=micro_per_epoch, enabled=cfg.progress)):
-            unl_batch = next(unl_iter)
-            if i % accum == 0:  # first micro-batch of an optimizer step
-                set_lr(optimizer, cosine_lr(step, total_steps, 1.0, int(cfg.warmup_fraction * total_steps)))
-                optimizer.zero_grad(set_to_none=True)
-            image_keys = ("image",) if cfg.channels_last else ()
-            lab_batch = to_device(lab_batch, device, image_keys)
-            unl_batch = to_device(unl_batch, device, image_keys) if unl_batch is not None else None
-            last_micro = i % accum == accum - 1  # DDP all-reduces the student's gradients in this backward only
-            with dist.no_sync_unless(trained_student, last_micro):
-                with autocast_context(device, cfg.precision):
-                    loss, logs = method.loss(lab_batch, unl_batch, step, total_steps)
-                backward_micro_step(loss, logs, scaler, accum, step, best_path, device, sums, counts)
-            if not last_micro:
-                continue
-            dist.sync_gradients(other_params, average=True)
-            scaler.step(optimizer)
-            scaler.update()
-            dist.broadcast_module(student, buffers_only=True)  # rank 0's BatchNorm statistics (DDP's default)
-            method.after_step(step)
-            step += 1
-        seconds = time.time() - t0
-        row: dict[str, Any] = {f"train/{k}": v for k, v in dist.mean_over_ranks(sums, counts).items()}
-        row["seconds_per_epoch"] = seconds
-        row["images_per_s"] = micro_per_epoch * (bs_l + (bs_u if uses_unlabeled else 0)) / max(seconds, 1e-9)
-        row["lr"] = optimizer.param_groups[0]["lr"]
+        step, sums, counts, seconds = stepper.epoch(zip(lab_loader, unl_iter), micro_per_epoch, step, loss_of,
+                                                    f"{cfg.method} {epoch + 1}/{cfg.epochs}", cfg.progress)
+        row = stepper.train_row(sums, counts, seconds, micro_per_epoch * (bs_l + (bs_u if uses_unlabeled else 0)))
         if epoch == 0 and warmup_logs:
             row.update({f"warmup/{k}": v for k, v in warmup_logs.items()})
         if dist.is_main():
@@ -364,22 +330,13 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
             if cfg.curves_every and (epoch + 1) % cfg.curves_every == 0:
                 plot_curves(files.metrics, files.curves)
             # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
-            modules = {"student": student.state_dict()}
-            msd = method.state_dict()
-            if msd:
-                modules["method"] = msd
-            save_train_state(state_path, modules, optimizer,
-                             {"epoch": epoch + 1, "step": step, "best_dice": best_dice, "best_epoch": best_epoch,
-                              "bad_epochs": bad_epochs, "rng": rng_state(),
-                              "grad_scaler": scaler.state_dict()})
+            save_resume_point(state_path, {"student": student.state_dict(), "method": method.state_dict()},
+                              optimizer, scaler, {"epoch": epoch + 1, "step": step, "best_dice": best_dice,
+                                                  "best_epoch": best_epoch, "bad_epochs": bad_epochs})
         # Early-stopping state lives on rank 0; every rank takes the same decision (works for gloo and NCCL).
         best_dice, best_epoch, bad_epochs = dist.broadcast_object((best_dice, best_epoch, bad_epochs))
         dist.barrier()
-    if logger:
-        logger.close()
-        plot_curves(files.metrics, files.curves)
-    if dist.is_main():
-        files.done.write_text(f"{time.time() - t_run:.1f}\n")
+    finish_run(logger, files, t_run)
     return run
 
 
