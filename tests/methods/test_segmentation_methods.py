@@ -583,3 +583,26 @@ def test_gate_holdout_is_a_fixed_share_of_keys_left_out_of_the_text_term() -> No
         z = method.text_mask(batch["image"], batch["text"], with_tg=False)["logits"]
     per_image = seg_loss(z, batch["mask"], "dice_bce", reduction="none")
     assert logs["text_sup"] == pytest.approx(float(per_image[~held].mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("update", [True, False])
+def test_clean_unlabeled_pass_updates_running_stats_only_when_asked(update: bool) -> None:
+    """`perturb.bn_update_clean_unlabeled`: the Mean Teacher's clean unlabeled pass moves the student's BatchNorm
+    running statistics (SSL4MIS) or leaves them as the labeled pass set them; the loss is the same either way."""
+    lab, unl = _batch(2, 1, True), _batch(2, 2, False)
+    unl["image"] = unl["image"] * 3.0  # far from the labeled batch, so its statistics are visible
+    results = []
+    for flag in (update, True):
+        method, student, _ = _build("mt", perturb=PerturbConfig(bn_update_clean_unlabeled=flag))
+        method.train()
+        loss, _ = method.loss(lab, unl, step=0, total_steps=10)
+        results.append((float(loss), student.inc[1].running_mean.clone(), int(student.inc[1].num_batches_tracked)))
+    torch.manual_seed(0)
+    alone = UNet(UNetConfig(base_width=8)).train()
+    alone(lab["image"])  # the labeled pass only
+    (loss, mean, tracked), (ref_loss, ref_mean, ref_tracked) = results
+    assert loss == pytest.approx(ref_loss)
+    if update:
+        assert tracked == 2 and torch.equal(mean, ref_mean)
+    else:
+        assert tracked == 1 and torch.allclose(mean, alone.inc[1].running_mean) and not torch.allclose(mean, ref_mean)

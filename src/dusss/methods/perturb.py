@@ -53,6 +53,10 @@ class PerturbConfig:
     # BatchNorm running statistics from perturbed passes (strong views, dropped features): False (ours) keeps
     # them to the clean passes, the distribution eval mode sees; True = the authors' code (every pass updates)
     bn_update_perturbed: bool = False
+    # BatchNorm running statistics from the student's pass over a clean (unperturbed) unlabeled batch: True (the
+    # SSL4MIS Mean Teacher, whose joint batch updates them) or False, eval mode normalising with the labeled
+    # passes' statistics only, those the weights were fitted under (docs/benchmarks.md, session 7)
+    bn_update_clean_unlabeled: bool = True
 
     @property
     def perturbs_student(self) -> bool:

@@ -333,9 +333,12 @@ class SegMethod:
         return z_l, z_u
 
     def _perturbed_pass(self, perturbed: bool = True) -> contextlib.AbstractContextManager[None]:
-        """Context for a student pass over perturbed inputs: BatchNorm running statistics stay as they are
-        (unless `perturb.bn_update_perturbed`)."""
-        return frozen_running_stats(self.student, enabled=perturbed and not self.cfg.perturb.bn_update_perturbed)
+        """Context for a student pass over unlabeled inputs: BatchNorm running statistics stay as they are for
+        perturbed inputs (unless `perturb.bn_update_perturbed`) and, with `perturb.bn_update_clean_unlabeled`
+        off, for clean ones too."""
+        pc = self.cfg.perturb
+        frozen = not pc.bn_update_perturbed if perturbed else not pc.bn_update_clean_unlabeled
+        return frozen_running_stats(self.student, enabled=frozen)
 
     def _sup_loss(self, z_l: torch.Tensor, y: torch.Tensor | None, has: torch.Tensor) -> torch.Tensor:
         """L_sup (eq 15): seg_loss over the labeled images that have a mask."""
