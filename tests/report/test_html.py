@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dusss.report.figures import save_png
+from dusss.figures import save_png
 from dusss.report.html import (
     ImageGridSection,
     ImageSection,

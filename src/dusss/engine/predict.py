@@ -20,8 +20,8 @@ from dusss.data.readers import is_nifti, nifti_slice_affine, read_image
 from dusss.data.transforms import logits_at, model_input
 from dusss.engine.precision import resolve_device
 from dusss.engine.train import load_segmentation_model
+from dusss.figures import contour_overlay, save_png
 from dusss.outputs import check_outputs, distinct_stems, unique_files
-from dusss.report.figures import contour_overlay, save_png
 from dusss.runfiles import run_file
 
 

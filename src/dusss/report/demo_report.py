@@ -99,7 +99,7 @@ def write_demo_report(out: Path, summary: dict[str, Any], manifest: Path, n_exam
 
     from dusss.engine.predict import predict_probability
     from dusss.engine.train import load_segmentation_model
-    from dusss.report.figures import contour_overlay, heatmap
+    from dusss.figures import contour_overlay, heatmap
     from dusss.report.html import ImageGridSection, ImageSection, TableSection, TextSection, build_report
     from dusss.report.textmap import load_text_mask_generator, text_probability_maps
 

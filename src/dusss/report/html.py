@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dusss.atomic import atomic_write_text
-from dusss.report.figures import png_data_uri
+from dusss.figures import png_data_uri
 
 ImageLike = np.ndarray | str | Path
 

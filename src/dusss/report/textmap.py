@@ -53,8 +53,8 @@ def textmap_figure(vlm_path: str | Path, image_path: str | Path, prompts: list[s
     DusssError before any work if `out` is one of the inputs, or exists and `overwrite` is not set.
     """
     from dusss.checkpoint import load_checkpoint, sidecar_path
+    from dusss.figures import heatmap, save_png
     from dusss.outputs import check_outputs
-    from dusss.report.figures import heatmap, save_png
 
     mask_file = None if model_run is None else run_file(model_run, TEXT_MASK)
     inputs = [("image", image_path), ("--vlm", vlm_path), ("--vlm's sidecar", sidecar_path(vlm_path)),

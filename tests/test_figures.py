@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dusss.report.figures import (
+from dusss.figures import (
     contour,
     contour_overlay,
     figure_grid,
@@ -97,7 +97,7 @@ def test_figure_grid_places_tiles_and_titles() -> None:
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 6), (6, 1)])
 def test_images_with_a_side_of_one_get_overlays_and_heatmaps(shape: tuple[int, int]) -> None:
-    from dusss.report.figures import contour_overlay, heatmap, squeeze2d
+    from dusss.figures import contour_overlay, heatmap, squeeze2d
 
     image = np.full((*shape, 3), 0.5, np.float32)
     mask = np.ones(shape, np.uint8)
