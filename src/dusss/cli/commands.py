@@ -1,4 +1,4 @@
-"""Top-level commands: pretrain, train, evaluate, predict, textmap, demo, methods, version. Thin: parse, call the
+"""Top-level commands: pretrain, train, evaluate, predict, textmap, demo, compare, methods, version. Thin: parse, call the
 library. Every command is a module-level function; `register` attaches them to the app.
 
 Options shared by the commands are defined once below (`Epochs`, `Seed`, ...), each with its help text. The
@@ -238,7 +238,43 @@ def demo(
     typer.echo(f"report: {Path(out) / 'report.html'}  ({summary['seconds']:.0f} s)")
 
 
-COMMANDS = (version, methods, pretrain, train, evaluate, predict, textmap, demo)
+def compare(
+    data: Annotated[Path, typer.Option(help="Manifest CSV (with train / val / test rows).")],
+    methods: Annotated[str, typer.Option(help="Comma list of Step-2 methods (`dusss methods`).")],
+    out: Annotated[Path, typer.Option(help="Folder of the grid: splits, VLMs, runs, table.md, table.json.")],
+    labeled: Annotated[str, typer.Option(help="Comma list of labeled fractions of the training cases.")] = "0.25,0.5",
+    seeds: Annotated[str, typer.Option(help="Comma list of seeds (split, initialisation, data order).")] = "0,1,2",
+    config: Config = None,
+    pretrain_config: Annotated[Path | None, typer.Option(
+        help="YAML config of the VLM pre-training, once per seed, for the methods that need one.")] = None,
+    epochs: Epochs = None,
+    device: Device = None,
+    reference: Annotated[str | None, typer.Option(
+        help="Method whose per-image Dice is tested (Wilcoxon) against every other (default dusss).")] = None,
+    sets: Sets = None,
+    quiet: Quiet = False,
+) -> None:
+    """Every method over label fractions and seeds on the same data and protocol: a resumable grid and a table."""
+    from dusss.config import parse_overrides
+    from dusss.engine.compare import run_compare
+    from dusss.errors import ConfigError
+
+    try:
+        fractions = [float(x) for x in labeled.split(",") if x.strip()]
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--labeled {labeled!r} / --seeds {seeds!r}: expected comma lists of numbers") from None
+    overrides = {"epochs": epochs, "device": device, **parse_overrides(sets or [])}
+    table = run_compare(data, [m.strip() for m in methods.split(",") if m.strip()], fractions, seed_list, out,
+                        overrides={k: v for k, v in overrides.items() if v is not None}, train_config=config,
+                        pretrain_config=pretrain_config,
+                        pretrain_overrides={k: v for k, v in {"device": device}.items() if v is not None},
+                        reference=reference, progress=not quiet)
+    typer.echo((Path(out) / "table.md").read_text())
+    typer.echo(f"{len(table['rows'])} row(s) written to {Path(out) / 'table.md'} and table.json")
+
+
+COMMANDS = (version, methods, pretrain, train, evaluate, predict, textmap, demo, compare)
 
 
 def register(app: typer.Typer) -> None:

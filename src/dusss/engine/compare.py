@@ -1,0 +1,176 @@
+"""`dusss compare`: every method on the same data, splits, backbone and metric protocol, over label fractions
+and seeds, in one resumable grid (issue 15's harness; the paper's Table 1 is one call of it).
+
+For each seed: a labeled split per fraction (`data.splits.make_split`, grouped by case), and, when a method needs
+one, a VLM pre-trained once (`PretrainConfig` defaults, or the `pretrain_config` file, on the training images and
+their reports, no masks). For each cell (method, fraction, seed): `run_train` from the method's preset under
+`train_config` and the overrides, the best-val model evaluated once on the test split. A cell whose run has
+DONE and whose test evaluation exists is not re-run; an interrupted one resumes from its state.
+
+OUT/table.json and OUT/table.md: test Dice / mIoU / HD95 mean ± std over seeds per (method, fraction), the
+U-Net's parameters, training seconds, the teacher's / text / merged pseudo-label Dice where there is one, and a
+two-sided Wilcoxon signed-rank p-value of the `reference` method (default dusss, where it is in the grid)
+against each other method on paired per-image test Dice (same fraction, all seeds pooled).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dusss.atomic import atomic_write_text
+from dusss.errors import ConfigError
+from dusss.runfiles import RunFiles
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    method: str
+    labeled: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_l{round(self.labeled * 100)}_s{self.seed}"
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _per_image_dice(eval_dir: Path) -> dict[str, float]:
+    with open(eval_dir / "per_image.csv", newline="") as fh:
+        return {row["key"]: float(row["dice"]) for row in csv.DictReader(fh)}
+
+
+def run_compare(data: str | Path, methods: list[str], labeled: list[float], seeds: list[int], out: str | Path,
+                overrides: dict[str, Any] | None = None, train_config: str | Path | None = None,
+                pretrain_config: str | Path | None = None, pretrain_overrides: dict[str, Any] | None = None,
+                reference: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the grid and write OUT/table.json and OUT/table.md; returns the table."""
+    from dusss.config import load_config
+    from dusss.data.manifest import read_manifest
+    from dusss.data.splits import make_split, save_split
+    from dusss.engine.evaluate import evaluate_run
+    from dusss.engine.logging import read_metrics, val_stability
+    from dusss.engine.pretrain import PretrainConfig, run_pretrain
+    from dusss.engine.train import load_train_config, run_train
+    from dusss.methods.segmentation import SEG_METHODS
+
+    for m in methods:
+        SEG_METHODS.lookup(m)
+    if not methods or not labeled or not seeds:
+        raise ConfigError("compare needs at least one method, one labeled fraction and one seed")
+    out = Path(out)
+    records = read_manifest(data)
+    cells = [Cell(m, f, s) for s in seeds for f in labeled for m in methods]
+    done_before = time.time()
+    for i, cell in enumerate(cells):
+        run = out / "runs" / cell.name
+        eval_dir = run / "eval" / "test"
+        if (RunFiles(run).done.is_file() and (eval_dir / "per_image.csv").is_file()):
+            continue
+        split = out / "splits" / f"l{round(cell.labeled * 100)}_s{cell.seed}.json"
+        if not split.is_file():
+            save_split(make_split(records, cell.labeled, seed=cell.seed, source=data), split)
+        vlm = ""
+        if SEG_METHODS[cell.method].needs_vlm:
+            vlm_run = out / f"vlm_s{cell.seed}"
+            if not RunFiles(vlm_run).done.is_file():
+                pcfg = load_config(PretrainConfig, pretrain_config,
+                                   {"data": str(data), "out": str(vlm_run), "seed": cell.seed, "progress": progress,
+                                    **(pretrain_overrides or {})})
+                run_pretrain(pcfg, overwrite=False, resume=RunFiles(vlm_run).state.is_file())
+            vlm = str(RunFiles(vlm_run).vlm)
+        if progress:
+            print(f"compare: cell {i + 1}/{len(cells)} {cell.name} (elapsed {time.time() - done_before:.0f} s)",
+                  flush=True)
+        if not RunFiles(run).done.is_file():
+            cfg = load_train_config(train_config, {"data": str(data), "splits": str(split), "out": str(run),
+                                                   "method": cell.method, "vlm": vlm, "seed": cell.seed,
+                                                   "progress": progress, **(overrides or {})})
+            run_train(cfg, overwrite=False, resume=RunFiles(run).state.is_file())
+        evaluate_run(run, data, split="test", out=eval_dir, overwrite=True)
+    table = _tabulate(out, cells, methods, labeled, seeds, reference, read_metrics, val_stability)
+    atomic_write_text(out / "table.json", json.dumps(table, indent=2))
+    atomic_write_text(out / "table.md", _markdown(table))
+    return table
+
+
+def _tabulate(out: Path, cells: list[Cell], methods: list[str], labeled: list[float], seeds: list[int],
+              reference: str | None, read_metrics: Any, val_stability: Any) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    ref = reference or ("dusss" if "dusss" in methods else None)
+    rows = []
+    per_image: dict[tuple[str, float], dict[str, float]] = {}
+    for method in methods:
+        for frac in labeled:
+            metrics, secs, pseudo, steps, params = [], [], {}, 0, 0
+            for seed in seeds:
+                run = out / "runs" / Cell(method, frac, seed).name
+                ev = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+                metrics.append(ev)
+                secs.append(float(RunFiles(run).done.read_text().split()[0]))
+                log = read_metrics(RunFiles(run).metrics)
+                steps = val_stability(log)["steps"]
+                for k, v in log[-1].items():
+                    if k.startswith("pseudo/"):
+                        pseudo.setdefault(k.removeprefix("pseudo/"), []).append(float(v))
+                for key, d in _per_image_dice(run / "eval" / "test").items():
+                    per_image.setdefault((method, frac), {})[f"{seed}:{key}"] = d
+                with safe_open(str(RunFiles(run).model), "pt") as fh:
+                    params = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()  # noqa: SIM118
+                                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+            row: dict[str, Any] = {"method": method, "labeled": frac, "seeds": len(seeds), "steps": steps,
+                                   "parameters": params, "train_seconds": statistics.mean(secs)}
+            for key in ("dice", "iou", "hd95"):
+                row[key], row[f"{key}_std"] = _mean_std([float(m[key]) for m in metrics])
+            row["pseudo_label_dice"] = {k: statistics.mean(v) for k, v in pseudo.items()}
+            rows.append(row)
+    if ref is not None:
+        from scipy.stats import wilcoxon
+
+        for row in rows:
+            if row["method"] == ref:
+                continue
+            a, b = per_image.get((ref, row["labeled"]), {}), per_image[(row["method"], row["labeled"])]
+            keys = sorted(k for k in set(a) & set(b) if not (math.isnan(a[k]) or math.isnan(b[k])))
+            diffs = [a[k] - b[k] for k in keys]
+            row[f"wilcoxon_p_vs_{ref}"] = (float(wilcoxon([a[k] for k in keys], [b[k] for k in keys]).pvalue)
+                                           if any(d != 0 for d in diffs) else 1.0)
+    return {"reference": ref, "seeds": seeds, "labeled": labeled, "methods": methods, "rows": rows}
+
+
+def _markdown(table: dict[str, Any]) -> str:
+    ref = table["reference"]
+    head = ["method", "labels", "test Dice", "test mIoU", "HD95 (px)", "pseudo-label Dice teacher / text / merged",
+            "parameters", "steps", "train s"] + ([f"Wilcoxon p vs {ref}"] if ref else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table["rows"]:
+        pl = r["pseudo_label_dice"]
+        pseudo = " / ".join(f"{pl[k]:.3f}" if k in pl else "–" for k in ("teacher_dice", "text_dice", "merged_dice"))
+        cells = [r["method"], f"{r['labeled']:.0%}", f"{r['dice']:.3f} ± {r['dice_std']:.3f}",
+                 f"{r['iou']:.3f} ± {r['iou_std']:.3f}", f"{r['hd95']:.2f} ± {r['hd95_std']:.2f}", pseudo,
+                 f"{r['parameters']:,}", str(r["steps"]), f"{r['train_seconds']:.0f}"]
+        if ref:
+            p = r.get(f"wilcoxon_p_vs_{ref}")
+            cells.append("–" if p is None else f"{p:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = ", ".join(str(s) for s in table["seeds"])
+    return ("\n".join(lines) + f"\n\nMean ± std over seeds {seeds}; each best-val model tested once on the test "
+            "split (per-image Dice / IoU at 0.5, images with an empty ground truth skipped).\n")
+
+
+__all__ = ["Cell", "run_compare"]

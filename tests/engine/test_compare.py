@@ -1,0 +1,67 @@
+"""`dusss compare`: a resumable grid of methods x label fractions x seeds on one manifest, and its table (mean ±
+std over seeds, parameters, steps, pseudo-label Dice, a paired Wilcoxon test against the reference method)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from scipy.stats import wilcoxon
+
+from dusss.data.synth import generate_phantoms
+from dusss.engine.compare import Cell, run_compare
+from dusss.errors import ConfigError
+from dusss.models.unet import UNet, UNetConfig
+from dusss.testing import run_cli_in_process
+
+TINY = {"epochs": 2, "batch_size": 2, "image_size": 32, "unet.base_width": 4, "device": "cpu"}
+
+
+def _dice(run: Path) -> dict[str, float]:
+    with open(run / "eval" / "test" / "per_image.csv", newline="") as fh:
+        return {r["key"]: float(r["dice"]) for r in csv.DictReader(fh)}
+
+
+def test_grid_table_and_resume(tmp_path: Path) -> None:
+    manifest = generate_phantoms(tmp_path / "ph", n=24, size=32, seed=0)
+    out = tmp_path / "grid"
+    table = run_compare(manifest, ["supervised", "mt"], [0.5], [0, 1], out, overrides=TINY, reference="mt",
+                        progress=False)
+    assert [(r["method"], r["labeled"], r["seeds"]) for r in table["rows"]] == [("supervised", 0.5, 2), ("mt", 0.5, 2)]
+    runs = {c: out / "runs" / Cell(*c).name for c in (("supervised", 0.5, 0), ("supervised", 0.5, 1),
+                                                         ("mt", 0.5, 0), ("mt", 0.5, 1))}
+    per_seed = {c: json.loads((r / "eval" / "test" / "metrics.json").read_text())["dice"] for c, r in runs.items()}
+    sup, mt = table["rows"]
+    assert sup["dice"] == pytest.approx((per_seed[("supervised", 0.5, 0)] + per_seed[("supervised", 0.5, 1)]) / 2)
+    assert sup["dice_std"] == pytest.approx(abs(per_seed[("supervised", 0.5, 0)] - per_seed[("supervised", 0.5, 1)])
+                                            / math.sqrt(2))
+    assert sup["parameters"] == sum(p.numel() for p in UNet(UNetConfig(base_width=4)).parameters())
+    assert sup["steps"] == mt["steps"] > 0 and sup["pseudo_label_dice"] == {} and "teacher_dice" in mt["pseudo_label_dice"]
+    a = {f"{s}:{k}": v for s in (0, 1) for k, v in _dice(runs[("mt", 0.5, s)]).items()}
+    b = {f"{s}:{k}": v for s in (0, 1) for k, v in _dice(runs[("supervised", 0.5, s)]).items()}
+    keys = sorted(k for k in a if not (math.isnan(a[k]) or math.isnan(b[k])))
+    assert sup["wilcoxon_p_vs_mt"] == pytest.approx(wilcoxon([a[k] for k in keys], [b[k] for k in keys]).pvalue)
+    assert "wilcoxon_p_vs_mt" not in mt
+    md = (out / "table.md").read_text()
+    assert "| supervised | 50% |" in md and "Wilcoxon p vs mt" in md
+    # finished cells are not re-run; a cell without its test evaluation is evaluated again, not retrained
+    stamps = {c: (r / "DONE").stat().st_mtime_ns for c, r in runs.items()}
+    (runs[("mt", 0.5, 1)] / "eval" / "test" / "metrics.json").unlink()
+    (runs[("mt", 0.5, 1)] / "eval" / "test" / "per_image.csv").unlink()
+    again = run_compare(manifest, ["supervised", "mt"], [0.5], [0, 1], out, overrides=TINY, reference="mt",
+                        progress=False)
+    assert {c: (r / "DONE").stat().st_mtime_ns for c, r in runs.items()} == stamps
+    assert again == table
+
+
+def test_bad_grids_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = generate_phantoms(tmp_path / "ph", n=24, size=32, seed=0)
+    with pytest.raises(ConfigError, match="unknown segmentation method 'fixmatch'"):
+        run_compare(manifest, ["supervised", "fixmatch"], [0.5], [0], tmp_path / "g")
+    code, _, err = run_cli_in_process(["compare", "--data", str(manifest), "--methods", "supervised", "--out",
+                                       str(tmp_path / "g"), "--labeled", "half"], capsys)
+    assert code == 1 and "--labeled 'half'" in err
+    assert not (tmp_path / "g").exists()
