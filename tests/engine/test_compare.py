@@ -17,7 +17,9 @@ from dusss.errors import ConfigError
 from dusss.models.unet import UNet, UNetConfig
 from dusss.testing import run_cli_in_process
 
-TINY = {"epochs": 2, "batch_size": 2, "image_size": 32, "unet.base_width": 4, "device": "cpu"}
+pytestmark = pytest.mark.slow(seconds=30)  # about this long at one thread (tests/conftest.py runs it early)
+
+TINY = {"epochs": 1, "batch_size": 2, "image_size": 32, "unet.base_width": 4, "device": "cpu"}
 
 
 def _dice(run: Path) -> dict[str, float]:
