@@ -12,7 +12,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from dusss.data.synth import generate_phantoms
-from dusss.engine.compare import Cell, run_compare
+from dusss.engine.compare import Cell, forward_flops, run_compare
 from dusss.errors import ConfigError
 from dusss.models.unet import UNet, UNetConfig
 from dusss.testing import run_cli_in_process
@@ -41,6 +41,7 @@ def test_grid_table_and_resume(tmp_path: Path) -> None:
     assert sup["dice_std"] == pytest.approx(abs(per_seed[("supervised", 0.5, 0)] - per_seed[("supervised", 0.5, 1)])
                                             / math.sqrt(2))
     assert sup["parameters"] == sum(p.numel() for p in UNet(UNetConfig(base_width=4)).parameters())
+    assert sup["flops"] == mt["flops"] == forward_flops(UNet(UNetConfig(base_width=4)), 32) > 0
     assert sup["steps"] == mt["steps"] > 0 and sup["pseudo_label_dice"] == {} and "teacher_dice" in mt["pseudo_label_dice"]
     a = {f"{s}:{k}": v for s in (0, 1) for k, v in _dice(runs[("mt", 0.5, s)]).items()}
     b = {f"{s}:{k}": v for s in (0, 1) for k, v in _dice(runs[("supervised", 0.5, s)]).items()}
@@ -87,3 +88,11 @@ def test_text_guided_methods_get_one_pretrained_vlm_per_seed(tmp_path: Path) -> 
 
     cfg = yaml.safe_load((out / "runs" / "dusss_l50_s0" / "config.yaml").read_text())
     assert Path(cfg["vlm"]) == out / "vlm_s0" / "vlm.safetensors" and cfg["method"] == "dusss"
+
+
+def test_forward_flops_of_a_convolution_by_hand() -> None:
+    import torch
+
+    conv = torch.nn.Conv2d(3, 4, kernel_size=3, padding=1, bias=False)
+    assert forward_flops(conv, 8) == 2 * 3 * 4 * 9 * 8 * 8  # 2 FLOPs per multiply-add, one per output tap
+    assert conv.training  # the mode is restored

@@ -8,7 +8,7 @@ their reports, no masks). For each cell (method, fraction, seed): `run_train` fr
 DONE and whose test evaluation exists is not re-run; an interrupted one resumes from its state.
 
 OUT/table.json and OUT/table.md: test Dice / mIoU / HD95 mean ± std over seeds per (method, fraction), the
-U-Net's parameters, training seconds, the teacher's / text / merged pseudo-label Dice where there is one, and a
+U-Net's parameters and forward FLOPs (the paper's Complexity column), training seconds, the teacher's / text / merged pseudo-label Dice where there is one, and a
 two-sided Wilcoxon signed-rank p-value of the `reference` method (default dusss, where it is in the grid)
 against each other method on paired per-image test Dice (same fraction, all seeds pooled).
 """
@@ -47,6 +47,22 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     if not xs:
         return math.nan, math.nan
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def forward_flops(model: Any, image_size: int) -> int:
+    """FLOPs of one forward pass of `model` on a [1,3,S,S] image (torch's FlopCounterMode: 2 per multiply-add
+    of the convolutions and matrix products; elementwise work not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        model.train(was)
+    return int(counter.get_total_flops())
 
 
 def _per_image_dice(eval_dir: Path) -> dict[str, float]:
@@ -112,12 +128,14 @@ def _tabulate(out: Path, cells: list[Cell], methods: list[str], labeled: list[fl
               reference: str | None, read_metrics: Any, val_stability: Any) -> dict[str, Any]:
     from safetensors import safe_open
 
+    from dusss.engine.train import load_segmentation_model
+
     ref = reference or ("dusss" if "dusss" in methods else None)
     rows = []
     per_image: dict[tuple[str, float], dict[str, float]] = {}
     for method in methods:
         for frac in labeled:
-            metrics, secs, pseudo, steps, params = [], [], {}, 0, 0
+            metrics, secs, pseudo, steps, params, flops = [], [], {}, 0, 0, None
             for seed in seeds:
                 run = out / "runs" / Cell(method, frac, seed).name
                 ev = json.loads((run / "eval" / "test" / "metrics.json").read_text())
@@ -133,8 +151,11 @@ def _tabulate(out: Path, cells: list[Cell], methods: list[str], labeled: list[fl
                 with safe_open(str(RunFiles(run).model), "pt") as fh:
                     params = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()  # noqa: SIM118
                                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+                if flops is None:
+                    model, meta = load_segmentation_model(run, "cpu")
+                    flops = forward_flops(model, int(meta["image_size"]))
             row: dict[str, Any] = {"method": method, "labeled": frac, "seeds": len(seeds), "steps": steps,
-                                   "parameters": params, "train_seconds": statistics.mean(secs)}
+                                   "parameters": params, "flops": flops, "train_seconds": statistics.mean(secs)}
             for key in ("dice", "iou", "hd95"):
                 row[key], row[f"{key}_std"] = _mean_std([float(m[key]) for m in metrics])
             row["pseudo_label_dice"] = {k: statistics.mean(v) for k, v in pseudo.items()}
@@ -156,14 +177,14 @@ def _tabulate(out: Path, cells: list[Cell], methods: list[str], labeled: list[fl
 def _markdown(table: dict[str, Any]) -> str:
     ref = table["reference"]
     head = ["method", "labels", "test Dice", "test mIoU", "HD95 (px)", "pseudo-label Dice teacher / text / merged",
-            "parameters", "steps", "train s"] + ([f"Wilcoxon p vs {ref}"] if ref else [])
+            "parameters", "GFLOPs / image", "steps", "train s"] + ([f"Wilcoxon p vs {ref}"] if ref else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table["rows"]:
         pl = r["pseudo_label_dice"]
         pseudo = " / ".join(f"{pl[k]:.3f}" if k in pl else "–" for k in ("teacher_dice", "text_dice", "merged_dice"))
         cells = [r["method"], f"{r['labeled']:.0%}", f"{r['dice']:.3f} ± {r['dice_std']:.3f}",
                  f"{r['iou']:.3f} ± {r['iou_std']:.3f}", f"{r['hd95']:.2f} ± {r['hd95_std']:.2f}", pseudo,
-                 f"{r['parameters']:,}", str(r["steps"]), f"{r['train_seconds']:.0f}"]
+                 f"{r['parameters']:,}", f"{r['flops'] / 1e9:.3g}", str(r["steps"]), f"{r['train_seconds']:.0f}"]
         if ref:
             p = r.get(f"wilcoxon_p_vs_{ref}")
             cells.append("–" if p is None else f"{p:.3g}")
@@ -173,4 +194,4 @@ def _markdown(table: dict[str, Any]) -> str:
             "split (per-image Dice / IoU at 0.5, images with an empty ground truth skipped).\n")
 
 
-__all__ = ["Cell", "run_compare"]
+__all__ = ["Cell", "forward_flops", "run_compare"]
