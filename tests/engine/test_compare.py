@@ -60,6 +60,14 @@ def test_grid_table_and_resume(tmp_path: Path) -> None:
     assert again == table
 
 
+def test_progress_lines_show_the_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = generate_phantoms(tmp_path / "ph", n=24, size=32, seed=0)
+    run_compare(manifest, ["supervised"], [0.5, 1.0], [0], tmp_path / "g", overrides={**TINY, "progress": False})
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("compare: ")]
+    assert lines[0] == "compare: 0 done, running supervised_l50_s0, 1 left"
+    assert lines[1].startswith("compare: 1 done, running supervised_l100_s0, 0 left, ") and lines[1].endswith(" s per cell")
+
+
 def test_bad_grids_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = generate_phantoms(tmp_path / "ph", n=24, size=32, seed=0)
     with pytest.raises(ConfigError, match="unknown segmentation method 'fixmatch'"):

@@ -91,11 +91,13 @@ def run_compare(data: str | Path, methods: list[str], labeled: list[float], seed
     out = Path(out)
     records = read_manifest(data)
     cells = [Cell(m, f, s) for s in seeds for f in labeled for m in methods]
-    done_before = time.time()
+    t0, trained = time.time(), 0
+    finished = [RunFiles(out / "runs" / c.name).done.is_file()
+                and (out / "runs" / c.name / "eval" / "test" / "per_image.csv").is_file() for c in cells]
     for i, cell in enumerate(cells):
         run = out / "runs" / cell.name
         eval_dir = run / "eval" / "test"
-        if (RunFiles(run).done.is_file() and (eval_dir / "per_image.csv").is_file()):
+        if finished[i]:
             continue
         split = out / "splits" / f"l{round(cell.labeled * 100)}_s{cell.seed}.json"
         if not split.is_file():
@@ -109,15 +111,17 @@ def run_compare(data: str | Path, methods: list[str], labeled: list[float], seed
                                     **(pretrain_overrides or {})})
                 run_pretrain(pcfg, overwrite=False, resume=RunFiles(vlm_run).state.is_file())
             vlm = str(RunFiles(vlm_run).vlm)
-        if progress:
-            print(f"compare: cell {i + 1}/{len(cells)} {cell.name} (elapsed {time.time() - done_before:.0f} s)",
-                  flush=True)
+        if progress:  # the grid at a glance: done / running / left, and the time per cell so far
+            done = sum(finished)
+            per = f", {(time.time() - t0) / trained:.0f} s per cell" if trained else ""
+            print(f"compare: {done} done, running {cell.name}, {len(cells) - done - 1} left{per}", flush=True)
         if not RunFiles(run).done.is_file():
             cfg = load_train_config(train_config, {"data": str(data), "splits": str(split), "out": str(run),
                                                    "method": cell.method, "vlm": vlm, "seed": cell.seed,
                                                    "progress": progress, **(overrides or {})})
             run_train(cfg, overwrite=False, resume=RunFiles(run).state.is_file())
         evaluate_run(run, data, split="test", out=eval_dir, overwrite=True)
+        finished[i], trained = True, trained + 1
     table = _tabulate(out, cells, methods, labeled, seeds, reference, read_metrics, val_stability)
     atomic_write_text(out / "table.json", json.dumps(table, indent=2))
     atomic_write_text(out / "table.md", _markdown(table))
