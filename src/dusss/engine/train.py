@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dusss import distributed as dist
-from dusss.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from dusss.checkpoint import save_checkpoint
 from dusss.config import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -50,10 +50,10 @@ from dusss.engine.step import to_device
 from dusss.errors import ConfigError, DataError
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method
 from dusss.metrics import SegmentationMetrics
-from dusss.models.unet import UNet, UNetConfig
+from dusss.models.unet import CHECKPOINT_KIND, UNet, UNetConfig
 from dusss.runfiles import RunFiles, run_file
 
-MODEL_KIND = "segmentation"
+MODEL_KIND = CHECKPOINT_KIND  # the checkpoint kind of a student U-Net
 
 
 @dataclass
@@ -120,20 +120,8 @@ def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, li
 
 
 def load_segmentation_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """Load a student U-Net written by `dusss train` (a run folder or its model.safetensors)."""
-    from dusss.config import from_dict
-
-    path = Path(path)
-    path = run_file(path)
-    tensors, meta = load_checkpoint(path, MODEL_KIND)
-    try:
-        cfg = from_dict(UNetConfig, meta["unet"], "unet")
-    except (KeyError, ConfigError) as exc:
-        from dusss.errors import CheckpointError
-
-        raise CheckpointError(f"{path}: sidecar has no valid U-Net config ({exc})") from None
-    model = UNet(cfg)
-    load_state_into(model, tensors, path)
+    """Load a student U-Net written by `dusss train` (a run folder or its model.safetensors), in eval mode."""
+    model, meta = UNet.load(run_file(path))
     return model.to(device).eval(), meta
 
 

@@ -129,18 +129,23 @@ class UNet(nn.Module):
         return dict(self.state_dict()), {"unet": dataclasses.asdict(self.cfg)}
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, prefix: str = "") -> UNet:
-        """Rebuild a U-Net from a "segmentation" checkpoint; `prefix` selects keys stored as `prefix.*`."""
+    def load(cls, path: str | Path, prefix: str = "") -> tuple[UNet, dict[str, Any]]:
+        """(U-Net, sidecar meta) from a "segmentation" checkpoint; `prefix` selects keys stored as `prefix.*`.
+        The one U-Net loader: `from_checkpoint` and `engine.train.load_segmentation_model` go through it."""
         from dusss.checkpoint import load_checkpoint, load_state_into, unprefixed
-        from dusss.errors import CheckpointError
+        from dusss.config import from_dict
+        from dusss.errors import CheckpointError, ConfigError
 
         tensors, meta = load_checkpoint(path, CHECKPOINT_KIND)
-        if not isinstance(meta.get("unet"), dict):
-            raise CheckpointError(f"{path}: sidecar has no 'unet' config")
         try:
-            cfg = UNetConfig(**meta["unet"])
-        except TypeError as exc:
-            raise CheckpointError(f"{path}: invalid 'unet' config in sidecar ({exc})") from None
+            cfg = from_dict(UNetConfig, meta["unet"], "unet")
+        except (KeyError, TypeError, ConfigError) as exc:
+            raise CheckpointError(f"{path}: sidecar has no valid U-Net config ({exc})") from None
         model = cls(cfg)
         load_state_into(model, unprefixed(prefix, tensors) if prefix else tensors, path)
-        return model
+        return model, meta
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, prefix: str = "") -> UNet:
+        """Rebuild a U-Net from a "segmentation" checkpoint (`load` without the meta)."""
+        return cls.load(path, prefix)[0]
