@@ -7,10 +7,6 @@ WORLD_SIZE, MASTER_ADDR, ...), so it does not depend on how pytest names this te
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +17,7 @@ import torch.distributed as dist
 from dusss import distributed
 from dusss.engine.logging import read_metrics
 from dusss.engine.runs import read_run
+from dusss.testing import run_ranks
 
 
 def test_single_process_helpers_are_identities() -> None:
@@ -104,32 +101,14 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.timeout(150)
 def test_two_process_gloo_gather_and_reduce(tmp_path: Path) -> None:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-3000:]
+    results = run_ranks(script, [tmp_path], timeout=120)
+    assert [code for code, _ in results] == [0, 0], "\n".join(log for _, log in results)[-3000:]
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in range(2):
         assert res[r]["rank"] == r and res[r]["world"] == 2 and res[r]["main"] == (r == 0)

@@ -58,6 +58,32 @@ class BagOfWordsVLM(nn.Module):
         return {"global": g, "local": g[:, None], "mask": torch.ones(len(texts), 1, dtype=torch.bool)}
 
 
+def run_ranks(script: Path, args: Sequence[str], world: int = 2, timeout: float = 150.0) -> list[tuple[int, str]]:
+    """Run `python SCRIPT ARGS` as `world` processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT on a free local port; one thread each) and wait for all of them: (exit code, output) per
+    rank. A process still running after `timeout` seconds is killed (the gloo tests of tests/engine)."""
+    import socket
+    import subprocess
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, log) for p, log in zip(procs, logs)]
+
+
 def run_cli_in_process(argv: Sequence[str], capsys: Any) -> tuple[int, str, str]:
     """`dusss ARGV` through `dusss.cli.main` in this process: (exit code, stdout, stderr), the output read from
     pytest's `capsys` fixture (in-process CLI tests)."""
@@ -146,4 +172,4 @@ def run_cli_forked(jobs: Sequence[tuple[Sequence[str], str]], preload: Sequence[
     return results
 
 
-__all__ = ["BagOfWordsVLM", "run_cli_forked", "run_cli_in_process"]
+__all__ = ["BagOfWordsVLM", "run_cli_forked", "run_cli_in_process", "run_ranks"]

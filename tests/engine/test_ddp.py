@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from dusss.data.manifest import read_manifest
 from dusss.data.splits import make_split, save_split
 from dusss.data.synth import generate_phantoms
 from dusss.engine.logging import read_metrics
+from dusss.testing import run_ranks
 
 pytestmark = [pytest.mark.slow(seconds=60),  # about this long at one thread (tests/conftest.py runs it early)
               pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed is not available")]
@@ -158,12 +158,6 @@ WORKER = COMMON + textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _common() -> dict:
     namespace: dict = {}
     exec(COMMON, namespace)  # noqa: S102 - the same definitions the workers use
@@ -184,20 +178,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, phantoms: tuple[Path, Pa
     tmp = tmp_path_factory.mktemp("ddp")
     script = tmp / "worker.py"
     script.write_text(WORKER)
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp), str(phantoms[0]), str(phantoms[1])],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=150)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+    results = run_ranks(script, [tmp, phantoms[0], phantoms[1]])
+    assert [code for code, _ in results] == [0, 0], "\n".join(log for _, log in results)[-4000:]
     return tmp
 
 
