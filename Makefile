@@ -26,7 +26,8 @@ demo: $(STAMP)
 
 # two pytest workers of one thread each (the machine has 2 cores); a test file stays on one worker, so its module
 # fixtures are built once (`loadgroup` would let one file's slow cases spread, but pytest-xdist 3.8 cannot set
-# its group suffix under pytest 9: the node id moved from `_nodeid` to `_id`); the 20 slowest tests are listed
+# its group suffix under pytest 9: the node id moved from `_nodeid` to `_id`); tests/conftest.py hands out the
+# modules marked slow first, longest first; the 20 slowest tests are listed
 test: $(DEV_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 tests
 

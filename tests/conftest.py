@@ -3,23 +3,49 @@ torch thread count restored after every test (several tests pin it to 1 for exac
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+SLOW_MARK = re.compile(r"pytest\.mark\.slow\(seconds=(\d+(?:\.\d+)?)\)")
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest modules first: a module marked `pytest.mark.slow(seconds=N)` (its time at one thread) runs before
-    the unmarked ones, longest first, so that the two `make test` workers (`--dist loadfile`, one module per
-    worker at a time) do not end with one long module on one worker while the other idles. The order of the
-    tests inside a module is kept (the sort is stable)."""
 
-    def seconds(item: pytest.Item) -> float:
-        mark = item.get_closest_marker("slow")
-        return float(mark.kwargs.get("seconds", 0)) if mark is not None else 0.0
+def _module_seconds(root: Path) -> dict[str, float]:
+    """{test file relative to `root`: the seconds its `pytest.mark.slow(seconds=N)` module mark declares}."""
+    out = {}
+    for path in sorted((root / "tests").rglob("test_*.py")):
+        match = SLOW_MARK.search(path.read_text())
+        if match:
+            out[path.relative_to(root).as_posix()] = float(match.group(1))
+    return out
 
-    items.sort(key=lambda item: -seconds(item))
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Longest modules first under `--dist loadfile` (`make test`): xdist hands out whole files, the ones with
+    the most tests first, so a long module with few tests (the Step-1 learning runs) used to start last and run
+    alone on one worker while the other idled. This scheduler hands out the files marked
+    `pytest.mark.slow(seconds=N)` first, longest first, then the rest in xdist's order."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    seconds = _module_seconds(Path(str(config.rootpath)))
+
+    class LongestFirst(LoadFileScheduling):  # type: ignore[misc]
+        _ordered = False
+
+        def _assign_work_unit(self, node: Any) -> None:
+            if not self._ordered:
+                self._ordered = True
+                ordered = sorted(self.workqueue.items(), key=lambda item: -seconds.get(item[0].split("::")[0], 0.0))
+                self.workqueue.clear()
+                self.workqueue.update(ordered)
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)
 
 
 @pytest.fixture(autouse=True)
