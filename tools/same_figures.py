@@ -65,7 +65,7 @@ def main(root: Path) -> dict[str, Any]:
                        "weights": _digest(run / "last.safetensors")}
     out["pretrain"] = {"loss": [r["train/loss"] for r in _rows(root / "vlm" / "metrics.jsonl")],
                        "weights": _digest(ckpt)}
-    (root / "ref.json").write_text(json.dumps(out, indent=1))
+    (root / "ref.json").write_text(json.dumps(out, indent=1, sort_keys=True))
     return out
 
 
