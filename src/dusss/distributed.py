@@ -95,8 +95,9 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
-def no_sync_unless(module: torch.nn.Module, sync: bool) -> Any:
-    """`module.no_sync()` (gradients kept local) unless `sync`, for a DDP-wrapped module; else a no-op context."""
+def no_sync_unless(module: torch.nn.Module | None, sync: bool) -> Any:
+    """`module.no_sync()` (gradients kept local) unless `sync`, for a DDP-wrapped module; else (a plain module,
+    or None) a no-op context."""
     import contextlib
 
     if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):

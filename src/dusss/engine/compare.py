@@ -79,7 +79,6 @@ def run_compare(data: str | Path, methods: list[str], labeled: list[float], seed
     from dusss.data.manifest import read_manifest
     from dusss.data.splits import make_split, save_split
     from dusss.engine.evaluate import evaluate_run
-    from dusss.engine.logging import read_metrics, val_stability
     from dusss.engine.pretrain import PretrainConfig, run_pretrain
     from dusss.engine.train import load_train_config, run_train
     from dusss.methods.segmentation import SEG_METHODS
@@ -122,16 +121,17 @@ def run_compare(data: str | Path, methods: list[str], labeled: list[float], seed
             run_train(cfg, overwrite=False, resume=RunFiles(run).state.is_file())
         evaluate_run(run, data, split="test", out=eval_dir, overwrite=True)
         finished[i], trained = True, trained + 1
-    table = _tabulate(out, cells, methods, labeled, seeds, reference, read_metrics, val_stability)
+    table = _tabulate(out, methods, labeled, seeds, reference)
     atomic_write_text(out / "table.json", json.dumps(table, indent=2))
     atomic_write_text(out / "table.md", _markdown(table))
     return table
 
 
-def _tabulate(out: Path, cells: list[Cell], methods: list[str], labeled: list[float], seeds: list[int],
-              reference: str | None, read_metrics: Any, val_stability: Any) -> dict[str, Any]:
+def _tabulate(out: Path, methods: list[str], labeled: list[float], seeds: list[int],
+              reference: str | None) -> dict[str, Any]:
     from safetensors import safe_open
 
+    from dusss.engine.logging import read_metrics, val_stability
     from dusss.engine.train import load_segmentation_model
 
     ref = reference or ("dusss" if "dusss" in methods else None)

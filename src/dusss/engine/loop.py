@@ -63,7 +63,7 @@ class Stepper:
                 set_lr(self.optimizer, cosine_lr(step, self.total_steps, 1.0, self.warmup))
                 self.optimizer.zero_grad(set_to_none=True)
             last_micro = i % self.accum == self.accum - 1
-            with dist.no_sync_unless(self.ddp_module, last_micro) if self.ddp_module is not None else _nothing():
+            with dist.no_sync_unless(self.ddp_module, last_micro):
                 with autocast_context(self.device, self.precision):
                     loss, logs = loss_of(micro, step)
                 backward_micro_step(loss, logs, self.scaler, self.accum, step, self.last_good, self.device, sums,
@@ -101,12 +101,6 @@ def begin_run(device: str, threads: int, seed: int) -> torch.device:
     set_threads(threads)
     seed_everything(seed)
     return resolved
-
-
-def _nothing() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def load_resume_point(state_path: Path, required: dict[str, torch.nn.Module], optional: dict[str, Any],

@@ -229,7 +229,7 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
     params = [p for p in method.parameters() if p.requires_grad]
     # Parameters outside the student (text-mask generator, gates): rank 0's initial weights everywhere, and
     # their gradients averaged by hand after backward (the student's are DDP's).
-    student_ids = {id(p) for p in student.parameters()} if trained_student is not student else set()
+    student_ids = {id(p) for p in student.parameters()}
     other_params = [p for p in params if id(p) not in student_ids]
     dist.broadcast_tensors(other_params)
     compile_inplace(student, cfg.compile)  # after the EMA teacher's deep copy; state-dict keys unchanged
@@ -264,7 +264,7 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
         warmup_logs = _warmup_text_mask(method, lab_ds, lab_sampler, rbs_l, cfg, device)
     stepper = Stepper(optimizer, scaler, accum, total_steps, int(cfg.warmup_fraction * total_steps), device,
                       cfg.precision, best_path, sync_params=other_params,
-                      ddp_module=trained_student if trained_student is not student else None,
+                      ddp_module=trained_student,
                       buffers_of=student, after_step=method.after_step)
     image_keys = ("image",) if cfg.channels_last else ()
 
