@@ -91,12 +91,6 @@ def _threshold(meta: dict[str, Any], path: Path) -> float:
     return float(thr)
 
 
-def _resolve_checkpoint(model_path: str | Path) -> Path:
-    """A run folder -> its model.safetensors (what `load_segmentation_model` loads)."""
-    path = Path(model_path)
-    return run_file(path)
-
-
 def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> bytes:
     """Serialise `model` to ONNX in memory, with a dynamic batch axis on input and output."""
     buf = io.BytesIO()
@@ -187,7 +181,7 @@ def export_model(model_path: str | Path, fmt: str, out_file: str | Path, opset: 
 
     out_file = Path(out_file)
     fmt_n = _check_args(fmt, out_file, opset)
-    source = _resolve_checkpoint(model_path)
+    source = run_file(model_path)  # a run folder -> its model.safetensors
     check_outputs([out_file, sidecar_for(out_file)],
                   inputs=[("--model", source), ("--model's sidecar", sidecar_path(source))], overwrite=overwrite)
     model, meta = load_segmentation_model(model_path, "cpu")
