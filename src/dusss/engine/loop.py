@@ -90,16 +90,16 @@ class Stepper:
         return row
 
 
-def begin_run(device: str, threads: int, seed: int) -> torch.device:
+def begin_run(device: str, threads: int, seed: int, seed_per_rank: bool = False) -> torch.device:
     """A loop's first lines: join the process group (torchrun / srun), choose the device, set the CPU threads
-    and seed every RNG with `seed`. Returns the device."""
+    and seed every RNG with `seed` (`seed + rank` with `seed_per_rank`). Returns the device."""
     from dusss.engine.precision import resolve_device, set_threads
     from dusss.engine.seed import seed_everything
 
     dist.init_from_env(device)
     resolved = resolve_device(device)
     set_threads(threads)
-    seed_everything(seed)
+    seed_everything(seed + (dist.rank() if seed_per_rank else 0))
     return resolved
 
 

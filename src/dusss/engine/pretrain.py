@@ -137,8 +137,7 @@ def run_pretrain(cfg: PretrainConfig, overwrite: bool = False, resume: bool = Fa
 
 def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: ExitStack) -> Path:
     """`run_pretrain`'s body; the run folder's lock is released when `hold` closes."""
-    dist.init_from_env(cfg.device)  # first, so that the seed below can differ per rank
-    device = begin_run(cfg.device, cfg.threads, cfg.seed + dist.rank())
+    device = begin_run(cfg.device, cfg.threads, cfg.seed, seed_per_rank=True)
     inputs = [("--data", cfg.data), ("--image-encoder", cfg.vlm.image.path), ("--text-encoder", cfg.vlm.text.path)]
     # a taken output folder is reported at once (prepare_run_dir decides again, and writes, further down)
     check_run_dir(cfg.out, to_dict(cfg), overwrite=overwrite, resume=resume, kind="pretrain",
