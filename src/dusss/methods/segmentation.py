@@ -39,7 +39,7 @@ import dataclasses
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -47,6 +47,15 @@ from torch import nn
 from dusss.config import MAX_LR, MAX_WEIGHT, bounded, check, check_fields
 from dusss.errors import CheckpointError, ConfigError
 from dusss.losses.segmentation import consistency_loss, merge_logits, seg_loss, semi_loss, soft_bce
+from dusss.methods.baseline_config import (
+    BCPConfig,
+    CCTConfig,
+    CPSConfig,
+    MCNetConfig,
+    SSNetConfig,
+    UAMTConfig,
+    UCMTConfig,
+)
 from dusss.methods.perturb import Mix, PerturbConfig, pseudo_targets, strong_view, teacher_view
 from dusss.models.batchnorm import frozen_running_stats
 from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
@@ -130,6 +139,14 @@ class SegMethodConfig:
     text_gate_holdout: float = bounded(0.25, ge=0, lt=1)
     text_mask: TextMaskConfig = field(default_factory=lambda: TextMaskConfig(skip_channels=16))
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    # the baselines' own settings (dusss.methods.baselines; each paper's values by default)
+    uamt: UAMTConfig = field(default_factory=UAMTConfig)
+    ucmt: UCMTConfig = field(default_factory=UCMTConfig)
+    cct: CCTConfig = field(default_factory=CCTConfig)
+    mcnet: MCNetConfig = field(default_factory=MCNetConfig)
+    ssnet: SSNetConfig = field(default_factory=SSNetConfig)
+    cps: CPSConfig = field(default_factory=CPSConfig)
+    bcp: BCPConfig = field(default_factory=BCPConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "semi")
@@ -150,7 +167,8 @@ class SegMethodConfig:
         check(self.text_gate in ("gain", "dice"), f"text_gate must be gain or dice, got {self.text_gate!r}")
 
 
-SEG_METHODS: Registry[type[SegMethod]] = Registry("segmentation method")
+# the baselines register themselves from their own modules, imported on the registry's first read
+SEG_METHODS: Registry[type[SegMethod]] = Registry("segmentation method", plugins=("dusss.methods.baselines",))
 MAX_SUB_REPORT_REGIONS = 64  # keep/drop draws per image for `text_sub_reports` (regions beyond are dropped)
 
 
@@ -193,6 +211,9 @@ class SegMethod:
     name: str = ""
     needs_vlm: bool = False
     uses_unlabeled: bool = False
+    # The method's published setting as dotted `TrainConfig` keys (`seg_method_preset`); a class attribute so
+    # that a method registered from another module brings its own.
+    preset: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
         self.cfg = cfg
@@ -200,6 +221,10 @@ class SegMethod:
         self.vlm = vlm
         self.teacher: EMATeacher | None = None
         self.text_mask: TextMaskGenerator | None = None
+        # Trainable modules of the method beside the student (CCT's auxiliary decoders, MC-Net's second decoder,
+        # CPS's second network): optimised with the student at the run's lr, moved, switched train/eval and
+        # saved for resuming with it (`heads.*`), never exported (the model is the student).
+        self.heads = nn.ModuleDict()
 
     # -- plumbing --------------------------------------------------------------------------------------------
     @property
@@ -210,7 +235,7 @@ class SegMethod:
 
     def modules_to_train(self) -> list[nn.Module]:
         """Modules whose trainable parameters the optimizer gets (student, text-mask generator)."""
-        mods: list[nn.Module] = [self.student]
+        mods: list[nn.Module] = [self.student, *self.heads.values()]
         if self.text_mask is not None:
             mods.append(self.text_mask)
         return mods
@@ -219,7 +244,7 @@ class SegMethod:
         """Parameters to optimise: the student's and the text-mask generator's trainables (no teacher, no VLM)."""
         seen: set[int] = set()
         out: list[nn.Parameter] = []
-        params = list(self.student.parameters())
+        params = list(self.student.parameters()) + list(self.heads.parameters())
         if self.text_mask is not None:
             params += self.text_mask.trainable_parameters()
         for p in params:
@@ -243,6 +268,7 @@ class SegMethod:
     def train(self, mode: bool = True) -> SegMethod:
         """Student and f_g in train mode; the teacher and the VLM always stay in eval mode."""
         self.student.train(mode)
+        self.heads.train(mode)
         if self.text_mask is not None:
             self.text_mask.train(mode)
         if self.teacher is not None:
@@ -254,6 +280,7 @@ class SegMethod:
 
     def to(self, device: torch.device | str) -> SegMethod:
         self.student.to(device)
+        self.heads.to(device)
         if self.teacher is not None:
             self.teacher.to(device)
         if self.text_mask is not None:
@@ -266,8 +293,9 @@ class SegMethod:
             self.teacher.update(self.student, step)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Method state for resuming: `teacher.*` and `text_mask.*` (trainables only); the student is not in it."""
-        state: dict[str, torch.Tensor] = {}
+        """Method state for resuming: `teacher.*`, `heads.*` and `text_mask.*` (trainables only); the student is
+        not in it."""
+        state: dict[str, torch.Tensor] = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
         if self.teacher is not None:
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.text_mask is not None:
@@ -294,6 +322,8 @@ class SegMethod:
                 setattr(self, name, state[name].reshape(()).clone())
         if self.teacher is not None:
             self.teacher.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("teacher.")})
+        if len(self.heads):
+            self.heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
         if self.text_mask is not None:
             self.text_mask.load_trainable_state_dict(
                 {k[10:]: v for k, v in state.items() if k.startswith("text_mask.")}
@@ -786,8 +816,12 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def seg_method_preset(name: str) -> dict[str, Any]:
-    """The dotted config overrides that give method `name` its published setting ({} when it has none)."""
-    return dict(METHOD_PRESETS.get(name, {}))
+    """The dotted config overrides that give method `name` its published setting ({} when it has none): the
+    entry in `METHOD_PRESETS`, else the registered class's `preset`."""
+    if name in METHOD_PRESETS:
+        return dict(METHOD_PRESETS[name])
+    cls = SEG_METHODS.get(name)
+    return dict(cls.preset) if cls is not None else {}
 
 
 def build_seg_method(

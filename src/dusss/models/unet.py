@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,14 @@ class Up(nn.Module):
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
+class UNetFeatures(NamedTuple):
+    """What `UNet.forward(..., return_features=True)` exposes besides the logits."""
+
+    encoder: tuple[torch.Tensor, ...]  # x1..x5: w, 2w, 4w, 8w, 8w channels at strides 1, 2, 4, 8, 16 (padded size)
+    decoder: torch.Tensor  # the last decoder map before `outc` (w channels, padded size)
+    size: tuple[int, int]  # (H, W) of the input before padding: crop a head's output with `[..., :H, :W]`
+
+
 class UNet(nn.Module):
     """LViT's U-Net (METHOD §2.7); `forward(images [B,C,H,W]) -> logits [B,n_classes,H,W]`."""
 
@@ -97,9 +105,15 @@ class UNet(nn.Module):
         self.up1 = Up(w, w, w)
         self.outc = nn.Conv2d(w, self.cfg.n_classes, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, feature_dropout: float = 0.0,
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, UNetFeatures]:
         """Logits for `x`; `feature_dropout` > 0 drops whole channels (Dropout2d, always on) of every encoder
-        feature before the decoder reads it: UniMatch's feature perturbation stream."""
+        feature before the decoder reads it: UniMatch's feature perturbation stream.
+
+        `return_features=True` returns `(logits, UNetFeatures)`: the five encoder maps (after any feature dropout)
+        and the decoder's last map before `outc`, at the padded size, for methods with extra heads (CCT's
+        auxiliary decoders, MC-Net's second decoder, SS-Net's prototypes). They run through `forward`, so a
+        DistributedDataParallel student still synchronises every gradient that reaches it through them."""
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % 16, (-w) % 16
         if pad_h or pad_w:
@@ -114,10 +128,12 @@ class UNet(nn.Module):
         y = self.up4(x5, x4)
         y = self.up3(y, x3)
         y = self.up2(y, x2)
-        y = self.up1(y, x1)
-        y = self.outc(y)
+        last = self.up1(y, x1)
+        y = self.outc(last)
         if pad_h or pad_w:
             y = y[..., :h, :w]
+        if return_features:
+            return y, UNetFeatures((x1, x2, x3, x4, x5), last, (h, w))
         return y
 
     def num_parameters(self) -> int:

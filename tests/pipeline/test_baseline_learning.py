@@ -1,0 +1,62 @@
+"""Every registered baseline (dusss.methods.baselines) learns: a short seeded phantom run through `run_train`
+must end well above the untrained network's val Dice, with no collapse at the end. One shared phantom set and
+split for all of them; each baseline is one parametrized case (a new baseline module is picked up by itself).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dusss.data.datasets import SegmentationDataset
+from dusss.data.manifest import read_manifest
+from dusss.data.splits import load_split, make_split, save_split
+from dusss.data.synth import generate_phantoms
+from dusss.engine.logging import read_metrics
+from dusss.engine.train import load_train_config, run_train, validate
+from dusss.methods.baselines import load_all
+from dusss.methods.segmentation import SEG_METHODS
+from dusss.models.unet import UNet, UNetConfig
+
+pytestmark = pytest.mark.slow(seconds=60)  # about this long at one thread (tests/conftest.py runs it early)
+
+BASELINES = sorted(name for name in SEG_METHODS if SEG_METHODS[name].__module__.startswith("dusss.methods.baselines."))
+SIZE, WIDTH, EPOCHS = 48, 8, 8
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
+    """(manifest, split, val Dice of an untrained U-Net of the run's size)."""
+    root = tmp_path_factory.mktemp("baselines")
+    manifest = generate_phantoms(root / "data", n=64, size=SIZE, seed=5)
+    save_split(make_split(read_manifest(manifest), labeled_fraction=0.25, seed=0), root / "splits.json")
+    torch.manual_seed(0)
+    records = read_manifest(manifest)
+    val_keys = set(load_split(root / "splits.json", records)["val"])
+    val_rows = [r for r in records if r.key in val_keys]
+    loader = DataLoader(SegmentationDataset(val_rows, SIZE), batch_size=16)
+    untrained = validate(UNet(UNetConfig(base_width=WIDTH)), loader, torch.device("cpu"), "fp32")["dice"]
+    return manifest, root / "splits.json", float(untrained)
+
+
+def test_every_baseline_module_registers_a_method() -> None:
+    assert len(BASELINES) == len(load_all())
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_beats_the_untrained_network(name: str, phantoms: tuple[Path, Path, float], tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    manifest, splits, untrained = phantoms
+    # the method's preset (its paper's setting) under the run's sizes, as `dusss train --method NAME` gives it
+    cfg = load_train_config(None, {"data": str(manifest), "splits": str(splits), "out": str(tmp_path / name),
+                                   "method": name, "epochs": EPOCHS, "batch_size": 4, "image_size": SIZE,
+                                   "lr": 3e-3, "seed": 0, "patience": EPOCHS, "progress": False,
+                                   "unet.base_width": WIDTH})
+    run_train(cfg)
+    rows = read_metrics(tmp_path / name / "metrics.jsonl")
+    val = [r["val/dice"] for r in rows]
+    assert max(val) > untrained + 0.2, (name, untrained, val)
+    assert val[-1] >= 0.8 * max(val), (name, val)  # no collapse at the end of the run
