@@ -259,7 +259,7 @@ def test_train_resume_removes_leftovers_and_keeps_the_run(world: dict[str, Path]
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from dusss.atomic import temp_file
 
-    monkeypatch.setattr("dusss.engine.train.plot_curves", lambda *a, **k: None)  # speed only
+    monkeypatch.setattr("dusss.engine.loop.plot_curves", lambda *a, **k: None)  # speed only
     out = tmp_path / "run"
     argv = ["train", "--data", str(world["manifest"]), "--splits", str(world["split"]), "--out", str(out),
             "--method", "supervised", "--batch-size", "8", *SMALL]

@@ -42,7 +42,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(autouse=True)
 def _no_curves(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dusss.engine.train.plot_curves", lambda *a, **k: None)  # speed only
+    monkeypatch.setattr("dusss.engine.loop.plot_curves", lambda *a, **k: None)  # speed only
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, phantom_split, tiny_vlm_chec
     manifest, split = phantom_split(root)
     run = root / "seg"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("dusss.engine.train.plot_curves", lambda *a, **k: None)
+        mp.setattr("dusss.engine.loop.plot_curves", lambda *a, **k: None)
         main(["train", "--data", str(manifest), "--splits", str(split), "--out", str(run), "--method",
               "supervised", "--epochs", "1", *TRAIN_FLAGS])
 

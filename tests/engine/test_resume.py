@@ -158,7 +158,7 @@ class _Crash(Exception):
 def straight(data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run (teacher_noise > 0, so the global torch RNG matters too)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("dusss.engine.train.plot_curves", lambda *a, **k: None)  # speed only
+        mp.setattr("dusss.engine.loop.plot_curves", lambda *a, **k: None)  # speed only
         return run_train(_config(data, tmp_path_factory.mktemp("straight") / "run"))
 
 
@@ -166,7 +166,7 @@ def straight(data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(
     data: tuple[Path, Path], straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: str
 ) -> None:
-    monkeypatch.setattr("dusss.engine.train.plot_curves", lambda *a, **k: None)  # speed only
+    monkeypatch.setattr("dusss.engine.loop.plot_curves", lambda *a, **k: None)  # speed only
     out = tmp_path / "resumed"
     if crash == "mid-epoch-3":  # after 2 saved epochs, 2 optimizer steps into the third
         cls = SEG_METHODS["mt"]
@@ -221,7 +221,7 @@ def test_extending_epochs_on_resume_continues_the_run(
     Not bit-equal to a straight 4-epoch run: the cosine learning rate and the consistency ramp-up are
     functions of step / total steps, and total steps grow when the epoch count does.
     """
-    monkeypatch.setattr("dusss.engine.train.plot_curves", lambda *a, **k: None)
+    monkeypatch.setattr("dusss.engine.loop.plot_curves", lambda *a, **k: None)
     out = tmp_path / "ext"
     run_train(_config(data, out, epochs=2))
     with pytest.warns(UserWarning, match="changed config.*epochs: 2 -> 4"):

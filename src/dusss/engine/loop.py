@@ -129,6 +129,36 @@ def save_resume_point(state_path: Path, modules: dict[str, dict[str, torch.Tenso
     save_train_state(state_path, kept, optimizer, {**meta, "rng": rng_state(), "grad_scaler": scaler.state_dict()})
 
 
+def open_log(run: Path, resume: bool, state_path: Path, required: dict[str, torch.nn.Module],
+             optional: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: Any
+             ) -> tuple[MetricsLogger | None, dict[str, Any]]:
+    """The metrics log (rank 0) and the resume point: with `resume` and a saved state, restore it
+    (`load_resume_point`) and drop the logged rows of epochs after it (they are redone). Returns (logger, meta),
+    meta holding at least `epoch` and `step` (0 and 0 for a fresh run)."""
+    logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
+    meta: dict[str, Any] = {"epoch": 0, "step": 0}
+    if resume and state_path.is_file():
+        meta = load_resume_point(state_path, required, optional, optimizer, scaler)
+    if resume and logger:
+        logger.truncate_after(int(meta["epoch"]))
+    return logger, meta
+
+
+def close_epoch(logger: MetricsLogger | None, files: RunFiles, step: int, epoch: int, row: dict[str, Any],
+                curves_every: int, modules: Callable[[], dict[str, dict[str, torch.Tensor]]],
+                optimizer: torch.optim.Optimizer, scaler: Any, meta: dict[str, Any]) -> None:
+    """The end of an epoch on rank 0, after the stage has validated and saved its model: log `row` for
+    `epoch` (1-based), redraw the curves every `curves_every` epochs (0 = only at the end), then write the resume
+    point last (`modules()` gives the module states), so that a kill before it redoes this epoch."""
+    if not dist.is_main():
+        return
+    assert logger is not None
+    logger.log(step, row, epoch=epoch)
+    if curves_every and epoch % curves_every == 0:
+        plot_curves(files.metrics, files.curves)
+    save_resume_point(files.state, modules(), optimizer, scaler, {"epoch": epoch, "step": step, **meta})
+
+
 def finish_run(logger: MetricsLogger | None, files: RunFiles, t_start: float) -> None:
     """Close the metrics, draw the final curves and write DONE (the training seconds) on rank 0."""
     if logger:
@@ -138,4 +168,4 @@ def finish_run(logger: MetricsLogger | None, files: RunFiles, t_start: float) ->
         files.done.write_text(f"{time.time() - t_start:.1f}\n")
 
 
-__all__ = ["Stepper", "begin_run", "finish_run", "load_resume_point", "save_resume_point"]
+__all__ = ["Stepper", "begin_run", "close_epoch", "finish_run", "load_resume_point", "open_log", "save_resume_point"]

@@ -28,8 +28,8 @@ from dusss.config import (
 )
 from dusss.data.datasets import PretrainDataset
 from dusss.data.manifest import read_manifest, record_files, refuse_leaks
-from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves
-from dusss.engine.loop import Stepper, begin_run, finish_run, load_resume_point, save_resume_point
+from dusss.engine.logging import CURVES_EVERY
+from dusss.engine.loop import Stepper, begin_run, close_epoch, finish_run, open_log
 from dusss.engine.precision import (
     compile_inplace,
     make_grad_scaler,
@@ -199,14 +199,16 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
                           frozen_on_resume=("vlm", "method"), inputs=[*inputs, *record_files(records)], hold=hold)
     files = RunFiles(run)
     state_path = files.state
-    logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
-    start_epoch, step = 0, 0
-    if resume and state_path.is_file():
-        optional = {"objective": objective} if isinstance(objective, torch.nn.Module) else {}
-        meta = load_resume_point(state_path, {"vlm": vlm}, optional, optimizer, scaler)
-        start_epoch, step = int(meta["epoch"]), int(meta["step"])
-    if resume and logger:
-        logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
+    optional = {"objective": objective} if isinstance(objective, torch.nn.Module) else {}
+    logger, resumed = open_log(run, resume, state_path, {"vlm": vlm}, optional, optimizer, scaler)
+    start_epoch, step = int(resumed["epoch"]), int(resumed["step"])
+
+    def modules() -> dict[str, dict[str, torch.Tensor]]:
+        """The states the resume point keeps."""
+        states = {"vlm": vlm.state_dict()}
+        if isinstance(objective, torch.nn.Module):
+            states["objective"] = objective.state_dict()
+        return states
 
     ckpt = files.vlm
     t_start = time.time()
@@ -230,15 +232,8 @@ def _run_pretrain(cfg: PretrainConfig, overwrite: bool, resume: bool, hold: Exit
 
             save_checkpoint(ckpt, tensors, "vlm", {**meta, "method": cfg.method, "epoch": epoch + 1,
                                                      "image_size": cfg.image_size, "objective": to_dict(cfg.objective)})
-            assert logger is not None
-            logger.log(step, row, epoch=epoch + 1)
-            if (epoch + 1) % CURVES_EVERY == 0:
-                plot_curves(files.metrics, files.curves)
-            # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
-            modules = {"vlm": vlm.state_dict()}
-            if isinstance(objective, torch.nn.Module):
-                modules["objective"] = objective.state_dict()
-            save_resume_point(state_path, modules, optimizer, scaler, {"epoch": epoch + 1, "step": step})
+
+        close_epoch(logger, files, step, epoch + 1, row, CURVES_EVERY, modules, optimizer, scaler, {})
         dist.barrier()
     finish_run(logger, files, t_start)
     return ckpt

@@ -36,8 +36,8 @@ from dusss.config import (
 from dusss.data.datasets import SegmentationDataset
 from dusss.data.manifest import Record, read_manifest, record_files
 from dusss.data.splits import load_split
-from dusss.engine.logging import CURVES_EVERY, MetricsLogger, plot_curves
-from dusss.engine.loop import Stepper, begin_run, finish_run, load_resume_point, save_resume_point
+from dusss.engine.logging import CURVES_EVERY
+from dusss.engine.loop import Stepper, begin_run, close_epoch, finish_run, open_log
 from dusss.engine.precision import (
     autocast_context,
     compile_inplace,
@@ -246,14 +246,10 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
     files = RunFiles(run)
     state_path = files.state
     best_path = files.model
-    logger = MetricsLogger(run, fresh=not resume) if dist.is_main() else None
-    start_epoch, step, best_dice, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
-    if resume and state_path.is_file():
-        meta = load_resume_point(state_path, {"student": student}, {"method": method}, optimizer, scaler)
-        start_epoch, step = int(meta["epoch"]), int(meta["step"])
-        best_dice, best_epoch, bad_epochs = float(meta["best_dice"]), int(meta["best_epoch"]), int(meta["bad_epochs"])
-    if resume and logger:
-        logger.truncate_after(start_epoch)  # rows of an epoch whose state was never saved are redone
+    logger, resumed = open_log(run, resume, state_path, {"student": student}, {"method": method}, optimizer, scaler)
+    start_epoch, step = int(resumed["epoch"]), int(resumed["step"])
+    best_dice, best_epoch = float(resumed.get("best_dice", -1.0)), int(resumed.get("best_epoch", 0))
+    bad_epochs = int(resumed.get("bad_epochs", 0))
 
     meta_common = {"unet": to_dict(cfg.unet), "image_size": cfg.image_size, "method": cfg.method,
                    "threshold": cfg.threshold, "input": "RGB float in [0,1], resized to image_size (bilinear)",
@@ -313,14 +309,9 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
             row.update({"best/val_dice": best_dice, "best/epoch": best_epoch, "val/drop_from_best": best_dice - dice})
             save_checkpoint(files.last, student.state_dict(), MODEL_KIND,
                             {**meta_common, "epoch": epoch + 1, "val_dice": dice})
-            assert logger is not None
-            logger.log(step, row, epoch=epoch + 1)
-            if cfg.curves_every and (epoch + 1) % cfg.curves_every == 0:
-                plot_curves(files.metrics, files.curves)
-            # The resume point goes last: a kill before it redoes this epoch (its logged row is dropped on resume).
-            save_resume_point(state_path, {"student": student.state_dict(), "method": method.state_dict()},
-                              optimizer, scaler, {"epoch": epoch + 1, "step": step, "best_dice": best_dice,
-                                                  "best_epoch": best_epoch, "bad_epochs": bad_epochs})
+        close_epoch(logger, files, step, epoch + 1, row, cfg.curves_every,
+                    lambda: {"student": student.state_dict(), "method": method.state_dict()}, optimizer, scaler,
+                    {"best_dice": best_dice, "best_epoch": best_epoch, "bad_epochs": bad_epochs})
         # Early-stopping state lives on rank 0; every rank takes the same decision (works for gloo and NCCL).
         best_dice, best_epoch, bad_epochs = dist.broadcast_object((best_dice, best_epoch, bad_epochs))
         dist.barrier()
