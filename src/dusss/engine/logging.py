@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 JSONL_FILE = runfiles.METRICS
 CURVES_EVERY = 5  # the loops redraw curves.png every this many epochs and at the end (a plot costs ~0.5 s)
+# ... but not sooner than this many seconds after the last drawing (on a small run five plots were 15 % of the
+# wall time; a run's last curves are always drawn by `finish_run`)
+CURVES_MIN_INTERVAL_S = 60.0
 CSV_FILE = runfiles.METRICS_CSV
 TB_DIR = "tb"
 _TB_WARNED = False
@@ -112,6 +115,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, fresh: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.curves_drawn_at = float("-inf")  # time.monotonic() of the loop's last curves drawing
         self.jsonl = self.run_dir / JSONL_FILE
         self.csv = self.run_dir / CSV_FILE
         self.enabled = is_main()

@@ -16,7 +16,7 @@ import torch
 
 from dusss import distributed as dist
 from dusss.checkpoint import load_state_into
-from dusss.engine.logging import MetricsLogger, plot_curves, progress
+from dusss.engine.logging import CURVES_MIN_INTERVAL_S, MetricsLogger, plot_curves, progress
 from dusss.engine.precision import autocast_context, restore_grad_scaler
 from dusss.engine.seed import rng_state, set_rng_state
 from dusss.engine.state import cosine_lr, load_train_state, optimizer_from_tensors, save_train_state, set_lr
@@ -148,14 +148,17 @@ def close_epoch(logger: MetricsLogger | None, files: RunFiles, step: int, epoch:
                 curves_every: int, modules: Callable[[], dict[str, dict[str, torch.Tensor]]],
                 optimizer: torch.optim.Optimizer, scaler: Any, meta: dict[str, Any]) -> None:
     """The end of an epoch on rank 0, after the stage has validated and saved its model: log `row` for
-    `epoch` (1-based), redraw the curves every `curves_every` epochs (0 = only at the end), then write the resume
+    `epoch` (1-based), redraw the curves every `curves_every` epochs (0 = only at the end) but not within
+    `CURVES_MIN_INTERVAL_S` of the last drawing, then write the resume
     point last (`modules()` gives the module states), so that a kill before it redoes this epoch."""
     if not dist.is_main():
         return
     assert logger is not None
     logger.log(step, row, epoch=epoch)
-    if curves_every and epoch % curves_every == 0:
+    now = time.monotonic()
+    if curves_every and epoch % curves_every == 0 and now - logger.curves_drawn_at >= CURVES_MIN_INTERVAL_S:
         plot_curves(files.metrics, files.curves)
+        logger.curves_drawn_at = now
     save_resume_point(files.state, modules(), optimizer, scaler, {"epoch": epoch, "step": step, **meta})
 
 

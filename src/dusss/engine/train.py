@@ -255,6 +255,7 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
                    "threshold": cfg.threshold, "input": "RGB float in [0,1], resized to image_size (bilinear)",
                    "output": "logits [B,1,H,W]; probability = sigmoid(logits); mask = probability >= threshold"}
     t_run = time.time()
+    last_meta: dict[str, Any] | None = None  # sidecar of last.safetensors: the last epoch trained by this call
     warmup_logs: dict[str, float] = {}
     if start_epoch == 0 and step == 0 and cfg.semi.text_warmup_steps and hasattr(method, "warmup"):
         warmup_logs = _warmup_text_mask(method, lab_ds, lab_sampler, rbs_l, cfg, device)
@@ -307,14 +308,18 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
                 bad_epochs += 1
             # stability: how far this epoch's val Dice sits below the best so far (0 at a new best)
             row.update({"best/val_dice": best_dice, "best/epoch": best_epoch, "val/drop_from_best": best_dice - dice})
-            save_checkpoint(files.last, student.state_dict(), MODEL_KIND,
-                            {**meta_common, "epoch": epoch + 1, "val_dice": dice})
+            last_meta = {**meta_common, "epoch": epoch + 1, "val_dice": dice}
         close_epoch(logger, files, step, epoch + 1, row, cfg.curves_every,
                     lambda: {"student": student.state_dict(), "method": method.state_dict()}, optimizer, scaler,
                     {"best_dice": best_dice, "best_epoch": best_epoch, "bad_epochs": bad_epochs})
         # Early-stopping state lives on rank 0; every rank takes the same decision (works for gloo and NCCL).
         best_dice, best_epoch, bad_epochs = dist.broadcast_object((best_dice, best_epoch, bad_epochs))
         dist.barrier()
+    # the student after the last epoch, once (the resume point holds it during the run)
+    if last_meta is None and start_epoch > 0 and not files.last.is_file():  # killed between the state and this
+        last_meta = {**meta_common, "epoch": start_epoch}
+    if dist.is_main() and last_meta is not None:
+        save_checkpoint(files.last, student.state_dict(), MODEL_KIND, last_meta)
     finish_run(logger, files, t_run)
     return run
 
