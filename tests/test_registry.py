@@ -30,7 +30,11 @@ def test_registry_adds_looks_up_and_refuses_duplicates() -> None:
 
 
 def test_the_package_registries_hold_what_the_configs_accept() -> None:
-    assert SEG_METHODS.names() == ["amvlm", "dusss", "mt", "supervised", "unimatch"]
+    from dusss.methods.baselines import load_all
+
+    # the core methods, and one baseline per module of dusss.methods.baselines, named after its module
+    assert SEG_METHODS.names() == sorted(["amvlm", "dusss", "mt", "supervised", "unimatch", *load_all()])
+    assert {"bcp", "cct", "cps", "mcnet", "ssnet"} <= set(SEG_METHODS)
     assert all(SEG_METHODS[n].name == n for n in SEG_METHODS)
     assert PRETRAIN_METHODS.names() == ["amvlm", "clip", "dusss"]
     assert IMAGE_ENCODERS.names() == ["efficientnet_lite0", "vit"]
@@ -42,3 +46,21 @@ def test_the_package_registries_hold_what_the_configs_accept() -> None:
         TextEncoderConfig(kind="gpt")
     with pytest.raises(ConfigError, match=r"unknown pre-training method 'simclr'; choose from"):
         build_pretrain_objective("simclr")
+
+
+def test_plugins_are_imported_on_the_first_read_only(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from dusss.registry import Registry
+
+    reg: Registry[int] = Registry("number", plugins=("dusss_test_plugin",))
+    (tmp_path / "dusss_test_plugin.py").write_text("import sys\nsys.modules['__reg__'].add('two', 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sys
+    import types
+
+    holder = types.ModuleType("__reg__")
+    holder.add = reg.add  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "__reg__", holder)
+    reg.add("one", 1)
+    assert "dusss_test_plugin" not in sys.modules  # nothing imported yet
+    assert reg.names() == ["one", "two"] and reg.lookup("two") == 2  # the first read imported the plugin
+    monkeypatch.delitem(sys.modules, "dusss_test_plugin")
