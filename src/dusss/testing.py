@@ -58,6 +58,20 @@ class BagOfWordsVLM(nn.Module):
         return {"global": g, "local": g[:, None], "mask": torch.ones(len(texts), 1, dtype=torch.bool)}
 
 
+def square_lesion_batch(n: int, seed: int, labeled: bool, size: int = 32) -> dict[str, Any]:
+    """A seeded batch dict for method tests: `n` random images of side `size`, each with one bright square
+    lesion of half the side (its mask; all zeros and `has_mask` False when not `labeled`), empty texts."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g)
+    masks = torch.zeros(n, 1, size, size)
+    for i in range(n):
+        r, c = (int(v) for v in torch.randint(0, size // 2, (2,), generator=g))
+        masks[i, 0, r : r + size // 2, c : c + size // 2] = 1.0
+        images[i, :, r : r + size // 2, c : c + size // 2] += 0.5
+    return {"image": images.clamp(0, 1), "mask": masks if labeled else torch.zeros_like(masks),
+            "has_mask": torch.full((n,), labeled), "text": [""] * n, "key": [f"k{seed}_{i}" for i in range(n)]}
+
+
 def run_ranks(script: Path, args: Sequence[str], world: int = 2, timeout: float = 150.0) -> list[tuple[int, str]]:
     """Run `python SCRIPT ARGS` as `world` processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT on a free local port; one thread each) and wait for all of them: (exit code, output) per
@@ -172,4 +186,4 @@ def run_cli_forked(jobs: Sequence[tuple[Sequence[str], str]], preload: Sequence[
     return results
 
 
-__all__ = ["BagOfWordsVLM", "run_cli_forked", "run_cli_in_process", "run_ranks"]
+__all__ = ["BagOfWordsVLM", "run_cli_forked", "run_cli_in_process", "run_ranks", "square_lesion_batch"]

@@ -3,6 +3,7 @@ decoder detached, encoder and auxiliary decoders trained), state round trip, reg
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from dusss.methods.baseline_config import CCTConfig
 from dusss.methods.baselines.cct import CCTMethod, aux_consistency, feature_drop, feature_noise
 from dusss.methods.segmentation import SegMethodConfig, build_seg_method
 from dusss.models.unet import UNet, UNetConfig
+from dusss.testing import square_lesion_batch
 
 S = 32
 
@@ -23,16 +25,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _batch(n: int, seed: int, labeled: bool) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 3, S, S, generator=g)
-    masks = torch.zeros(n, 1, S, S)
-    for i in range(n):
-        r, c = (int(v) for v in torch.randint(0, S // 2, (2,), generator=g))
-        masks[i, 0, r : r + S // 2, c : c + S // 2] = 1.0
-        images[i, :, r : r + S // 2, c : c + S // 2] += 0.5
-    return {"image": images.clamp(0, 1), "mask": masks if labeled else torch.zeros_like(masks),
-            "has_mask": torch.full((n,), labeled), "text": [""] * n, "key": [f"k{seed}_{i}" for i in range(n)]}
+_batch = functools.partial(square_lesion_batch, size=S)
 
 
 def _build(**cct) -> CCTMethod:

@@ -3,6 +3,7 @@ the second network's initialisation, pseudo-labels, the state round trip and the
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from dusss.errors import CheckpointError
 from dusss.losses.segmentation import seg_loss
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method, consistency_lambda
 from dusss.models.unet import UNet, UNetConfig
+from dusss.testing import square_lesion_batch
 
 S = 32
 
@@ -22,18 +24,7 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _batch(n: int, seed: int, labeled: bool, size: int = S) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 3, size, size, generator=g)
-    masks = torch.zeros(n, 1, size, size)
-    for i in range(n):
-        r, c = (int(v) for v in torch.randint(0, size // 2, (2,), generator=g))
-        masks[i, 0, r : r + size // 2, c : c + size // 2] = 1.0
-        images[i, :, r : r + size // 2, c : c + size // 2] += 0.5
-    if not labeled:
-        masks.zero_()
-    return {"image": images.clamp(0, 1), "mask": masks, "has_mask": torch.full((n,), labeled),
-            "text": [""] * n, "key": [f"k{seed}_{i}" for i in range(n)]}
+_batch = functools.partial(square_lesion_batch, size=S)
 
 
 def _build(**cfg):
