@@ -15,6 +15,18 @@ from dusss.config import MAX_WEIGHT, bounded, check, check_fields
 class UAMTConfig:
     """UA-MT (Yu et al., MICCAI 2019)."""
 
+    # T stochastic teacher passes whose mean prediction gives the uncertainty (SSL4MIS
+    # train_uncertainty_aware_mean_teacher_2D.py and _3D.py: T = 8)
+    passes: int = bounded(8, ge=1, le=64)
+    # input noise of those passes: N(0, noise²) clamped to ±noise_clip (SSL4MIS: clamp(randn·0.1, −0.2, 0.2))
+    noise: float = bounded(0.1, ge=0, le=10)
+    noise_clip: float = bounded(0.2, ge=0, le=10)  # 0 = no clamp
+    # entropy threshold (start + (end − start)·ramp(t))·ln 2, ramp = sigmoid_rampup over threshold_rampup_fraction
+    # of the steps (SSL4MIS: (0.75 + 0.25·sigmoid_rampup(iter, max_iterations))·ln 2)
+    threshold_start: float = bounded(0.75, ge=0, le=1)
+    threshold_end: float = bounded(1.0, ge=0, le=1)
+    threshold_rampup_fraction: float = bounded(1.0, ge=0, le=1)  # SSL4MIS: the whole run (max_iterations)
+
     def __post_init__(self) -> None:
         check_fields(self, "semi.uamt")
 
@@ -22,6 +34,15 @@ class UAMTConfig:
 @dataclass
 class UCMTConfig:
     """UCMT (Shen et al., IJCAI 2023)."""
+
+    # UMIX: per image, the top-k most uncertain patches of each student's map are overwritten by the k least
+    # uncertain patches of the other's (github:Senyh/UCMT train.py: --topk 2)
+    topk: int = bounded(2, ge=0, le=1024)  # 0 = no UMIX (CMT alone: the paper's ablation)
+    # patches per image side; patch side = size // grid (train.py: kernel image_size // 16 → a 16 × 16 grid)
+    grid: int = bounded(16, ge=1, le=256)
+    # the students see two independent photometric views (train.py: ColorJitter + GaussianBlur views A1, A2;
+    # teacher on the plain image); False = both on the weak view, disagreement from the decoders' init only
+    strong_views: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "semi.ucmt")
