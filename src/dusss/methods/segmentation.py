@@ -466,11 +466,17 @@ class MeanTeacherMethod(SegMethod):
         logs: dict[str, torch.Tensor | float] = {"sup": l_sup, "lambda": lam}
         loss = l_sup
         if z_s is not None and x_u is not None:
-            l_cons = self._unlabeled_term(z_s, self._teacher_logits(x_u), mix)
+            l_cons, extra = self._consistency(z_s, x_u, mix, step, total_steps)
             loss = loss + lam * l_cons
-            logs["cons"] = l_cons
+            logs.update({"cons": l_cons, **extra})
         logs["loss"] = loss
         return loss, self._floats(logs)
+
+    def _consistency(self, z_s: torch.Tensor, x_u: torch.Tensor, mix: Mix | None, step: int,
+                     total_steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(the unlabeled term of the student's logits `z_s` on the view of `x_u`, extra logs): the teacher's
+        targets through `_unlabeled_term`. Variants of the Mean Teacher (UA-MT) override only this."""
+        return self._unlabeled_term(z_s, self._teacher_logits(x_u), mix), {}
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:

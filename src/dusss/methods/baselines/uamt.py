@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from dusss.errors import ConfigError
-from dusss.methods.perturb import Mix, strong_view
+from dusss.methods.perturb import Mix
 from dusss.methods.segmentation import (
     MeanTeacherMethod,
     SegMethodConfig,
-    consistency_lambda,
     register_seg_method,
     sigmoid_rampup,
 )
@@ -109,25 +108,9 @@ class UAMTMethod(MeanTeacherMethod):
             target, mask = mix.apply(target), mix.apply(mask)
         return uncertainty_masked_mse(z_s, target, mask), mask
 
-    def loss(
-        self,
-        labeled: dict[str, Any],
-        unlabeled: dict[str, Any] | None = None,
-        step: int = 0,
-        total_steps: int = 1,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        x_l, y_l, has_l, _ = self._unpack(labeled)
-        x_u = self._unpack(unlabeled)[0] if unlabeled is not None else None
-        x_s, mix = strong_view(x_u, self.cfg.perturb) if x_u is not None else (None, None)
-        z_l, z_s = self._student_forward(x_l, x_s)
-        l_sup = self._sup_loss(z_l, y_l, has_l)
-        lam = consistency_lambda(self.cfg, step, total_steps)
-        logs: dict[str, torch.Tensor | float] = {"sup": l_sup, "lambda": lam}
-        loss = l_sup
-        if z_s is not None and x_u is not None:
-            tau = self.threshold(step, total_steps)
-            l_cons, mask = self._masked_term(z_s, x_u, mix, tau)
-            loss = loss + lam * l_cons
-            logs.update({"cons": l_cons, "threshold": tau, "certain": mask.mean()})
-        logs["loss"] = loss
-        return loss, self._floats(logs)
+    def _consistency(self, z_s: torch.Tensor, x_u: torch.Tensor, mix: Mix | None, step: int,
+                     total_steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The Mean Teacher's term masked to the pixels the teacher is certain of (threshold ramped)."""
+        tau = self.threshold(step, total_steps)
+        l_cons, mask = self._masked_term(z_s, x_u, mix, tau)
+        return l_cons, {"threshold": tau, "certain": mask.mean()}
