@@ -148,7 +148,7 @@ def _tabulate(out: Path, methods: list[str], labeled: list[float], seeds: list[i
                 log = read_metrics(RunFiles(run).metrics)
                 steps = val_stability(log)["steps"]
                 for k, v in log[-1].items():
-                    if k.startswith("pseudo/"):
+                    if k.startswith("pseudo/") and k.endswith("_dice"):
                         pseudo.setdefault(k.removeprefix("pseudo/"), []).append(float(v))
                 for key, d in _per_image_dice(run / "eval" / "test").items():
                     per_image.setdefault((method, frac), {})[f"{seed}:{key}"] = d

@@ -142,14 +142,24 @@ def validate(model: torch.nn.Module, loader: DataLoader, device: torch.device, p
 
 @torch.no_grad()
 def pseudo_label_dice(method: Any, loader: DataLoader, device: torch.device, threshold: float = 0.5) -> dict[str, float]:
-    """Dice of the teacher / text-mask / merged pseudo-labels against the (hidden) masks of unlabeled rows."""
+    """Dice of the teacher / text-mask / merged pseudo-labels against the (hidden) masks of unlabeled rows
+    (`pseudo/<name>_dice`), and each label's foreground ratio: its predicted foreground pixels over the true
+    ones, summed over the rows (`pseudo/<name>_fg_ratio`; 1 = the right amount, 0 = an empty label)."""
     accs: dict[str, SegmentationMetrics] = {}
+    fg: dict[str, float] = {}
+    true_fg = 0.0
     for batch in loader:
         labels = method.pseudo_labels(batch["image"].to(device), list(batch["text"]))
+        true_fg += float(batch["mask"].sum())
         for name, logits in labels.items():
+            prob = torch.sigmoid(logits.float()).cpu()
             accs.setdefault(name, SegmentationMetrics(threshold=threshold, compute_hd95=False)).update(
-                torch.sigmoid(logits.float()).cpu(), batch["mask"], list(batch["key"]))
-    return {f"pseudo/{name}_dice": m.compute()["dice"] for name, m in accs.items()}
+                prob, batch["mask"], list(batch["key"]))
+            fg[name] = fg.get(name, 0.0) + float((prob >= threshold).sum())
+    out = {f"pseudo/{name}_dice": m.compute()["dice"] for name, m in accs.items()}
+    if true_fg > 0:
+        out.update({f"pseudo/{name}_fg_ratio": n / true_fg for name, n in fg.items()})
+    return out
 
 
 def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
