@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (val Dice)")
     ap.add_argument("--width", type=int, default=None, help="U-Net base width (paper 64)")
     ap.add_argument("--image-size", type=int, default=None, help="side in px (default 128; the paper: 224)")
+    ap.add_argument("--lr", type=float, default=None, help="Step-2 AdamW lr (default 1e-3; a run folder per lr)")
     ap.add_argument("--rows", default="", help="comma list like supervised:1.0,dusss:0.25 (default: all rows)")
     ap.add_argument("--src", default=str(SRC_DEFAULT), help="the LViT-layout MoNuSeg folder")
     ap.add_argument("--results", default=None, help="results JSON (default benchmarks/results/monuseg.json; "
@@ -318,10 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         size = replace(size, image_size=args.image_size)
     if args.width is not None:
         size = replace(size, unet_width=args.width)
+    if args.lr is not None:
+        size = replace(size, lr=args.lr)
     rows = ROWS
     if args.rows:
         rows = tuple((m, float(f)) for m, f in (x.split(":") for x in args.rows.split(",")))
-    root = RUNS / ("quick" if args.quick else "full") / f"px{size.image_size}_w{size.unet_width}_e{size.train_epochs}"
+    root = RUNS / ("quick" if args.quick else "full") / (f"px{size.image_size}_w{size.unet_width}_e{size.train_epochs}"
+                                                       + ("" if size.lr == FULL.lr else f"_lr{size.lr:g}"))
     results_path = Path(args.results) if args.results else (
         root / "monuseg_quick.json" if args.quick else RESULTS / "monuseg.json")
 

@@ -23,6 +23,9 @@ DEMO_ENTRIES = frozenset({"data", "splits.json", "vlm", *DEMO_METHODS, "report.h
 # dusss: a faster EMA teacher (0.95) than the paper-scale 0.99, whose teacher still lags ~100 of the 192 steps
 # (its pseudo-label Dice was 0.03 at 0.99 in the demo); 100 text-mask warm-up steps instead of 300 (time).
 # Sub-reports: the phantom reports are `caption_mask`'s QaTa style (text Dice 0.55 with, 0.40 without).
+# AdamW lr of Step 2: 3e-3, chosen on val Dice of `supervised` at benchmarks/phantom_ssl.py's size (1e-3 left the
+# training loss at 0.49 after 320 steps and the network under-confident: docs/benchmarks.md, session 9).
+DEMO_LR = 3e-3
 DEMO_SEMI: dict[str, dict[str, object]] = {"dusss": {"semi.ema_decay": 0.95, "semi.text_warmup_steps": 100,
                                                      "semi.text_sub_reports": 0.5}}
 
@@ -39,9 +42,8 @@ class DemoSize:
     batch_size: int
 
 
-# 24 epochs of 8 steps (one pass over the 57 unlabeled images) = 192 steps at 64 px: on this set `supervised`
-# is within ~0.02 of its 320-step val Dice by then (docs/benchmarks.md), and three runs fit the 5-minute
-# budget (64 px costs half of 96 px an epoch). `unimatch` (4.5x a supervised step) is left to
+# 24 epochs of 8 steps (one pass over the 57 unlabeled images) = 192 steps at 64 px and lr 3e-3: three runs fit
+# the 5-minute budget (64 px costs half of 96 px an epoch; 279 s on an idle 2-core machine, docs/benchmarks.md). `unimatch` (4.5x a supervised step) is left to
 # benchmarks/phantom_ssl.py.
 FULL = DemoSize(n_images=128, image_size=64, pretrain_epochs=4, train_epochs=24, unet_width=16, batch_size=8)
 QUICK = DemoSize(n_images=48, image_size=64, pretrain_epochs=2, train_epochs=3, unet_width=8, batch_size=8)
@@ -69,7 +71,7 @@ def demo_configs(out: Path, size: DemoSize, seed: int) -> tuple[Any, dict[str, A
             "data": manifest, "splits": str(out / "splits.json"), "out": str(out / method), "method": method,
             "vlm": str(RunFiles(out / "vlm").vlm) if SEG_METHODS[method].needs_vlm else "",
             "epochs": size.train_epochs, "batch_size": size.batch_size, "image_size": size.image_size,
-            "seed": seed, "lr": 1e-3, "patience": max(size.train_epochs, 1),  # no early stop: equal steps
+            "seed": seed, "lr": DEMO_LR, "patience": max(size.train_epochs, 1),  # no early stop: equal steps
             "unet.base_width": size.unet_width, "curves_every": 0, "pseudo_label_eval_max": 32,
             **DEMO_SEMI.get(method, {})}
         # every method from its published preset (as `dusss train` does), then the demo's sizes
