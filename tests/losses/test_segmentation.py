@@ -96,6 +96,29 @@ def test_semi_loss_hand_value_and_detached_targets() -> None:
     assert "text" not in parts
 
 
+def test_semi_loss_hard_confident_targets_by_hand() -> None:
+    """`hard_confidence` τ: targets 1[q ≥ 0.5] where max(q, 1 − q) ≥ τ, the rest ignored; BCE over all pixels."""
+    student = torch.full((1, 1, 1, 4), LN3)  # p = 0.75 everywhere
+    teacher = torch.tensor([[[[4.0, -4.0, 0.2, -0.2]]]])  # q = 0.982, 0.018 (confident), 0.55, 0.45 (not)
+    text = torch.zeros_like(teacher)  # z_text = 0: merged = teacher, q_text = 0.5 (never confident at τ 0.9)
+    loss, parts = semi_loss(student, teacher, text, kind="bce", hard_confidence=0.9)
+    l_merged = (-math.log(0.75) - math.log(0.25)) / 4  # target 1 on pixel 0, 0 on pixel 1, pixels 2-3 ignored
+    assert parts["merged"].item() == pytest.approx(l_merged, abs=1e-6)
+    assert parts["text"].item() == pytest.approx(0.0, abs=1e-7)
+    assert loss.item() == pytest.approx(0.5 * l_merged, abs=1e-6)
+    # the mask follows CutMix: swapping the two halves moves pixel 0's target and weight with it
+    swap = lambda x: x.flip(-1)
+    _, parts = semi_loss(student, teacher, text, kind="bce", hard_confidence=0.9, target_transform=swap,
+                         use_text_term=False)
+    assert parts["merged"].item() == pytest.approx(l_merged, abs=1e-6)
+    # after the flip: weights [0, 0, 1, 1], targets [·, ·, 0, 1]; with p = 0.75, 0.75, 0.75, 0.25 both kept
+    # pixels cost −ln 0.25 (unflipped weights would keep pixels 0-1 instead: (−ln 0.75 − ln 0.25) / 4)
+    student2 = torch.tensor([[[[LN3, LN3, LN3, -LN3]]]])
+    _, parts = semi_loss(student2, teacher, text, kind="bce", hard_confidence=0.9, target_transform=swap,
+                         use_text_term=False)
+    assert parts["merged"].item() == pytest.approx(-math.log(0.25) / 2, abs=1e-6)
+
+
 def test_consistency_loss_values() -> None:
     student = torch.full((1, 1, 2, 2), LN3)  # p = 0.75
     teacher = torch.full((1, 1, 2, 2), 0.25)  # target probability q = 0.25

@@ -133,24 +133,33 @@ def semi_loss(
     merge: str = "logit",
     reduction: str = "mean",
     target_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    hard_confidence: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_semi of eqs 16-18 on the unlabeled student logits z_s; targets are detached.
 
     L_merged = ℓ(z_s, σ(z_t + z_text)) (eq 16), L_text = ℓ(z_s, σ(z_text)) (eq 17),
     L_semi = ½(L_merged + L_text) (eq 18), or L_merged alone when `use_text_term` is False.
     `target_transform` maps both target probability maps (e.g. CutMix with the student's boxes).
+    `hard_confidence` τ (FixMatch / UniMatch targets; None = the paper's soft ones): each target q becomes
+    1[q ≥ 0.5] on the pixels where max(q, 1 − q) ≥ τ, the others ignored (pixel weight 0, `seg_loss`).
     Returns (L_semi, parts) with detached parts `merged`, `text` (when used) and `semi`.
     """
     teacher_logits = teacher_logits.detach().float()
     text_logits = text_logits.detach().float()
     q_merged = torch.sigmoid(merge_logits(teacher_logits, text_logits, merge))
     q_text = torch.sigmoid(text_logits)
+    w_merged = w_text = None
+    if hard_confidence is not None:
+        w_merged, w_text = ((torch.maximum(q, 1 - q) >= hard_confidence).float() for q in (q_merged, q_text))
+        q_merged, q_text = (q_merged >= 0.5).float(), (q_text >= 0.5).float()
     if target_transform is not None:  # e.g. the CutMix of the student's strong view, applied to the targets
         q_merged, q_text = target_transform(q_merged), target_transform(q_text)
-    l_merged = seg_loss(student_logits, q_merged, kind, reduction)
+        if w_merged is not None and w_text is not None:
+            w_merged, w_text = target_transform(w_merged), target_transform(w_text)
+    l_merged = seg_loss(student_logits, q_merged, kind, reduction, weight=w_merged)
     parts: dict[str, torch.Tensor] = {"merged": l_merged.detach()}
     if use_text_term:
-        l_text = seg_loss(student_logits, q_text, kind, reduction)
+        l_text = seg_loss(student_logits, q_text, kind, reduction, weight=w_text)
         parts["text"] = l_text.detach()
         l_semi = 0.5 * (l_merged + l_text)
     else:

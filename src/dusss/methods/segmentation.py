@@ -761,12 +761,14 @@ class DuSSSMethod(MeanTeacherMethod):
         if z_u is not None and z_text_u is not None and x_u is not None:
             z_t = self._teacher_logits(x_u)
             mixed = mix.apply if mix is not None else None
+            # `perturb.pseudo_label: hard`: confident hard targets (UniMatch's) instead of eq 16-17's soft ones
+            tau = cfg.perturb.confidence if cfg.perturb.pseudo_label == "hard" else None
             if gate_open:
                 l_semi, parts = semi_loss(z_u, z_t, z_text_u.detach(), cfg.semi_loss, use_text_term=cfg.text_term,
-                                          merge=cfg.merge, target_transform=mixed)
+                                          merge=cfg.merge, target_transform=mixed, hard_confidence=tau)
             else:  # text not yet reliable: the merged label is the teacher's alone, no eq-17 term
                 l_semi, parts = semi_loss(z_u, z_t, torch.zeros_like(z_t), cfg.semi_loss, use_text_term=False,
-                                          merge="logit", target_transform=mixed)
+                                          merge="logit", target_transform=mixed, hard_confidence=tau)
             loss = loss + lam * l_semi
             logs.update({f"semi_{k}" if k != "semi" else "semi": v for k, v in parts.items()})
         logs["kappa"] = self.text_mask.kappa.detach()
