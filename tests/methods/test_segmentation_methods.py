@@ -393,6 +393,28 @@ def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
     assert loss.item() == pytest.approx(logs["sup"] + logs["semi"], rel=1e-5)
 
 
+def test_dusss_hard_confident_targets_by_hand() -> None:
+    """`perturb.pseudo_label: hard` (gate open): eqs 16-17 on 1[q ≥ 0.5] where max(q, 1 − q) ≥ τ."""
+    method, student, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=0.0, tg_weight=0.0,
+                                text_supervised_weight=0.0, consistency_weight=1.0,
+                                perturb=PerturbConfig(pseudo_label="hard", confidence=0.6))
+    _perturbed_teacher(method)
+    method.train()
+    lab, unl = _batch(2, 1, True), _batch(3, 2, False)
+    _, logs = method.loss(lab, unl, step=5, total_steps=10)
+    assert logs["text_gate"] == 1.0
+    with torch.no_grad():
+        z_s = student(unl["image"])
+        z_t = method.teacher(unl["image"])
+        z_text = method.text_mask(unl["image"], list(unl["text"]), with_tg=False)["logits"]
+    q_m, q_x = torch.sigmoid(z_t + z_text), torch.sigmoid(z_text)
+    merged = float(soft_bce(z_s, (q_m >= 0.5).float(), weight=(torch.maximum(q_m, 1 - q_m) >= 0.6).float()))
+    text = float(soft_bce(z_s, (q_x >= 0.5).float(), weight=(torch.maximum(q_x, 1 - q_x) >= 0.6).float()))
+    assert logs["semi_merged"] == pytest.approx(merged, rel=1e-5)
+    assert logs["semi_text"] == pytest.approx(text, rel=1e-5, abs=1e-7)
+    assert abs(merged - float(soft_bce(z_s, q_m))) > 1e-3  # not the soft target
+
+
 def test_text_supervised_term_is_dice_bce_by_default_and_bce_on_request() -> None:
     lab, unl = _batch(4, 0, True), _batch(4, 1, False)
     for kind in ("dice_bce", "bce"):

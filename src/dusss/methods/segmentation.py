@@ -547,6 +547,8 @@ class DuSSSMethod(MeanTeacherMethod):
 
     The text-mask generator runs once per step on the unlabeled images and, when text_supervised_weight > 0,
     the labeled images too; L_tg (eq 12) is then computed over all of them (B_l + B_u image/text pairs).
+    With `perturb.pseudo_label: hard` the merged and text targets of eqs 16-17 become UniMatch's confident hard
+    labels (1[q ≥ 0.5] where max(q, 1 − q) ≥ `perturb.confidence`; ours, the paper's are soft).
     """
 
     needs_vlm = True
@@ -555,9 +557,6 @@ class DuSSSMethod(MeanTeacherMethod):
     def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
         if vlm is None:
             raise ConfigError(f"method {self.name!r} needs a pretrained VLM (--vlm)")
-        if cfg.perturb.pseudo_label != "soft":
-            raise ConfigError(f"method {self.name!r} trains on the soft merged label of eq 16: "
-                              "perturb.pseudo_label must be soft")
         super().__init__(cfg, student, vlm)
         self.text_mask = TextMaskGenerator(vlm, cfg.text_mask).to(self.device)
         self.text_reliability = torch.zeros(())  # running Dice of the text mask on labeled images
