@@ -350,8 +350,8 @@ def test_presets_give_each_method_its_published_setting_under_file_and_flags(tmp
     assert cfg.semi.consistency_weight == 0.5  # the file wins over the preset
     assert cfg.semi.perturb.pseudo_label == "hard" and cfg.semi.perturb.feature_dropout == 0.5
     assert seg_method_preset("supervised") == {}
-    with pytest.raises(ConfigError, match="soft"):
-        _build("dusss", perturb=PerturbConfig(pseudo_label="hard"))
+    # DuSSS takes hard confident targets too since session 9 (test_dusss_hard_confident_targets_by_hand)
+    assert _build("dusss", perturb=PerturbConfig(pseudo_label="hard"))[0].cfg.perturb.pseudo_label == "hard"
     with pytest.raises(ConfigError, match="separate"):
         SegMethodConfig(student_forward="joint", perturb=PerturbConfig(feature_dropout=0.5))
 

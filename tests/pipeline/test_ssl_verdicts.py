@@ -8,6 +8,12 @@ some epoch, and the text-guided mask's pseudo-label Dice on the unlabeled images
 a foreground ratio (predicted / true lesion pixels) within a factor `FG_FACTOR` of 1 (the old generator's mask
 was empty in every run: Dice 0, ratio 0).
 
+Checked against the defects they target (session 9, this setting): with the joint labeled + unlabeled BatchNorm
+pass (`semi.student_forward: joint`) `mt`'s val Dice peaks at 0.615 and ends at 0.124 (no-collapse and
+not-below-supervised fail); with the old text-branch defaults (BCE-only ℓ_text at the run's lr, no warm-up, no
+skip stem, L_tg at 1, the Dice gate) the gate never opens and the text mask is empty (Dice 0, ratio 0: the text
+test fails).
+
 Not asserted: semi-supervised *above* supervised. At this size (48 px, 210 steps) the networks are still in
 the under-confident phase (the share of unlabeled pixels with max(p, 1 − p) ≥ 0.95 is about 0.02), so
 UniMatch's thresholded loss is nearly silent; the gain is measured at the benchmark's size
