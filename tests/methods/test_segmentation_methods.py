@@ -369,11 +369,11 @@ def test_dusss_student_sees_the_strong_view() -> None:
     assert logs_s["sup"] == pytest.approx(logs_w["sup"], rel=1e-6)  # the labeled pass does not see the views
 
 
-def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
-    """Gate open (the paper): L_semi = ½[BCE(z_s, σ(z_t + z_text)) + BCE(z_s, σ(z_text))] with the *teacher's*
-    z_t; a perturbed teacher makes swapping student and teacher visible."""
+def _dusss_gate_open_step(**semi) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DuSSS loss with the gate open and a perturbed teacher: (loss, logs, z_s, z_t, z_text) on the unlabeled
+    batch, the logits recomputed outside the loss."""
     method, student, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=0.0, tg_weight=0.0,
-                                text_supervised_weight=0.0, consistency_weight=1.0)
+                                text_supervised_weight=0.0, consistency_weight=1.0, **semi)
     _perturbed_teacher(method)
     method.train()
     lab, unl = _batch(2, 1, True), _batch(3, 2, False)
@@ -383,6 +383,13 @@ def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
         z_s = student(unl["image"])
         z_t = method.teacher(unl["image"])
         z_text = method.text_mask(unl["image"], list(unl["text"]), with_tg=False)["logits"]
+    return loss, logs, z_s, z_t, z_text
+
+
+def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
+    """Gate open (the paper): L_semi = ½[BCE(z_s, σ(z_t + z_text)) + BCE(z_s, σ(z_text))] with the *teacher's*
+    z_t; a perturbed teacher makes swapping student and teacher visible."""
+    loss, logs, z_s, z_t, z_text = _dusss_gate_open_step()
     merged = float(soft_bce(z_s, torch.sigmoid(z_t + z_text)))
     text = float(soft_bce(z_s, torch.sigmoid(z_text)))
     assert logs["semi_merged"] == pytest.approx(merged, rel=1e-5)
@@ -395,18 +402,7 @@ def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
 
 def test_dusss_hard_confident_targets_by_hand() -> None:
     """`perturb.pseudo_label: hard` (gate open): eqs 16-17 on 1[q ≥ 0.5] where max(q, 1 − q) ≥ τ."""
-    method, student, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=0.0, tg_weight=0.0,
-                                text_supervised_weight=0.0, consistency_weight=1.0,
-                                perturb=PerturbConfig(pseudo_label="hard", confidence=0.6))
-    _perturbed_teacher(method)
-    method.train()
-    lab, unl = _batch(2, 1, True), _batch(3, 2, False)
-    _, logs = method.loss(lab, unl, step=5, total_steps=10)
-    assert logs["text_gate"] == 1.0
-    with torch.no_grad():
-        z_s = student(unl["image"])
-        z_t = method.teacher(unl["image"])
-        z_text = method.text_mask(unl["image"], list(unl["text"]), with_tg=False)["logits"]
+    _, logs, z_s, z_t, z_text = _dusss_gate_open_step(perturb=PerturbConfig(pseudo_label="hard", confidence=0.6))
     q_m, q_x = torch.sigmoid(z_t + z_text), torch.sigmoid(z_text)
     merged = float(soft_bce(z_s, (q_m >= 0.5).float(), weight=(torch.maximum(q_m, 1 - q_m) >= 0.6).float()))
     text = float(soft_bce(z_s, (q_x >= 0.5).float(), weight=(torch.maximum(q_x, 1 - q_x) >= 0.6).float()))
