@@ -124,6 +124,11 @@ def merge_logits(teacher_logits: torch.Tensor, text_logits: torch.Tensor, mode: 
     raise ValueError(f"merge mode must be one of {list(MERGE_MODES)}, got {mode!r}")
 
 
+def confident_hard_targets(prob: torch.Tensor, confidence: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch / UniMatch targets from a probability map: (1[p ≥ 0.5], pixel weight 1[max(p, 1 − p) ≥ τ])."""
+    return (prob >= 0.5).float(), (torch.maximum(prob, 1 - prob) >= confidence).float()
+
+
 def semi_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -150,8 +155,7 @@ def semi_loss(
     q_text = torch.sigmoid(text_logits)
     w_merged = w_text = None
     if hard_confidence is not None:
-        w_merged, w_text = ((torch.maximum(q, 1 - q) >= hard_confidence).float() for q in (q_merged, q_text))
-        q_merged, q_text = (q_merged >= 0.5).float(), (q_text >= 0.5).float()
+        (q_merged, w_merged), (q_text, w_text) = (confident_hard_targets(q, hard_confidence) for q in (q_merged, q_text))
     if target_transform is not None:  # e.g. the CutMix of the student's strong view, applied to the targets
         q_merged, q_text = target_transform(q_merged), target_transform(q_text)
         if w_merged is not None and w_text is not None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dusss.config import bounded, check, check_fields
+from dusss.losses.segmentation import confident_hard_targets
 
 __all__ = ["Mix", "PerturbConfig", "color_jitter", "cutmix", "gaussian_blur", "pseudo_targets",
            "strong_view", "teacher_view"]
@@ -177,4 +178,4 @@ def pseudo_targets(teacher_logits: torch.Tensor, cfg: PerturbConfig) -> tuple[to
     p = torch.sigmoid(teacher_logits.detach().float())
     if cfg.pseudo_label == "soft":
         return p, None
-    return (p >= 0.5).float(), (torch.maximum(p, 1 - p) >= cfg.confidence).float()
+    return confident_hard_targets(p, cfg.confidence)
