@@ -281,6 +281,29 @@ def ablation_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def earlier_runs(paths: list[Path], size: Size, have: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs recorded in earlier results JSONs (same size, seeds aside) that `have` has no run of."""
+    seen = {(r["method"], r["fraction"], r["seed"]) for r in have}
+    out: list[dict[str, Any]] = []
+    mine = {k: v for k, v in size.__dict__.items() if k != "seeds"}
+    for path in paths:
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {path}: cannot read an earlier results JSON ({e})") from None
+        theirs = {k: v for k, v in earlier.get("size", {}).items() if k != "seeds"}
+        if theirs != mine:
+            diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+            raise SystemExit(f"error: {path}: its runs have another size ({', '.join(diff)} differ); "
+                             "pass the same --epochs/--patience/--lr/--width/--image-size")
+        for r in earlier.get("runs", []):
+            key = (r["method"], r["fraction"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -302,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: tabulate the finished runs (DONE) of the --seeds seeds and write the results")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    ap.add_argument("--with-runs", default="", help="comma list of earlier results JSONs: their runs join the table "
+                                                    "for the (method, labels, seed) this call has no run of; their "
+                                                    "size must equal this call's (seeds aside)")
     args = ap.parse_args(argv)
 
     import torch
@@ -343,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(train_one(manifest, method, frac, seed, size, args.device, run,
                                   vlm if method in ("dusss", "amvlm") else None))
             print(table(runs, size), flush=True)
+    runs_from = [str(x) for x in args.with_runs.split(",") if x]
+    runs += earlier_runs([Path(x) for x in runs_from], size, runs)
     ablation_runs: list[dict[str, Any]] = []
     ablation_vlms: dict[str, Any] = {}
     if args.ablation:
@@ -380,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "vlm": vlm_info,
         "rows": {f"{m}_{int(f * 100)}": v for (m, f), v in aggregate(runs).items()},
         "runs": runs,
+        "runs_from": runs_from,
         "ablation": {"vlms": ablation_vlms, "rows": {k: v for k, v in aggregate(
             ablation_runs, key=lambda r: r["variant"]).items()}, "runs": ablation_runs} if args.ablation else None,
         "total_wall_seconds_this_call": total,
