@@ -78,7 +78,7 @@ def test_bad_grids_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert not (tmp_path / "g").exists()
 
 
-def test_text_guided_methods_get_one_pretrained_vlm_per_seed(tmp_path: Path) -> None:
+def test_text_guided_methods_get_one_pretrained_vlm_per_seed_and_objective(tmp_path: Path) -> None:
     manifest = generate_phantoms(tmp_path / "ph", n=24, size=32, seed=0)
     tiny_vlm = {"epochs": 1, "batch_size": 4, "image_size": 32, "device": "cpu", "vlm.image.image_size": 32,
                 "vlm.image.hidden_size": 16, "vlm.image.num_layers": 1, "vlm.image.num_heads": 2,
@@ -86,16 +86,22 @@ def test_text_guided_methods_get_one_pretrained_vlm_per_seed(tmp_path: Path) -> 
                 "vlm.text.num_heads": 2, "vlm.text.intermediate_size": 32, "vlm.embed_dim": 8, "vlm.head_hidden": 16,
                 "vlm.pdt_heads": 2}
     out = tmp_path / "grid"
-    table = run_compare(manifest, ["supervised", "dusss"], [0.5], [0], out,
+    table = run_compare(manifest, ["supervised", "dusss", "amvlm"], [0.5], [0], out,
                         overrides={**TINY, "semi.text_warmup_steps": 2}, pretrain_overrides=tiny_vlm, progress=False)
     assert (out / "vlm_s0" / "vlm.safetensors").is_file() and not (out / "vlm_s1").exists()
-    sup, dusss = table["rows"]
+    assert sorted(p.name for p in out.glob("vlm_*")) == ["vlm_amvlm_s0", "vlm_s0"]  # one per objective
+    sup, dusss, _ = table["rows"]
     assert table["reference"] == "dusss" and 0.0 <= sup["wilcoxon_p_vs_dusss"] <= 1.0
     assert {"teacher_dice", "text_dice", "merged_dice"} <= set(dusss["pseudo_label_dice"])
     import yaml
 
     cfg = yaml.safe_load((out / "runs" / "dusss_l50_s0" / "config.yaml").read_text())
     assert Path(cfg["vlm"]) == out / "vlm_s0" / "vlm.safetensors" and cfg["method"] == "dusss"
+    # the amvlm row gets a VLM pre-trained with AMVLM's objective (CSS + PDT, ICL), not DuSSS's
+    cfg = yaml.safe_load((out / "runs" / "amvlm_l50_s0" / "config.yaml").read_text())
+    assert Path(cfg["vlm"]) == out / "vlm_amvlm_s0" / "vlm.safetensors" and cfg["method"] == "amvlm"
+    for run, objective in (("vlm_s0", "dusss"), ("vlm_amvlm_s0", "amvlm")):
+        assert yaml.safe_load((out / run / "config.yaml").read_text())["method"] == objective
 
 
 def test_forward_flops_of_a_convolution_by_hand() -> None:

@@ -2,8 +2,9 @@
 and seeds, in one resumable grid (issue 15's harness; the paper's Table 1 is one call of it).
 
 For each seed: a labeled split per fraction (`data.splits.make_split`, grouped by case), and, when a method needs
-one, a VLM pre-trained once (`PretrainConfig` defaults, or the `pretrain_config` file, on the training images and
-their reports, no masks). For each cell (method, fraction, seed): `run_train` from the method's preset under
+one, a VLM pre-trained once per pre-training method (`SegMethod.vlm_pretrain`: DuSSS's objective for `dusss`,
+AMVLM's for `amvlm`; `PretrainConfig` defaults, or the `pretrain_config` file, on the training images and their
+reports, no masks). For each cell (method, fraction, seed): `run_train` from the method's preset under
 `train_config` and the overrides, the best-val model evaluated once on the test split. A cell whose run has
 DONE and whose test evaluation exists is not re-run; an interrupted one resumes from its state.
 
@@ -103,11 +104,13 @@ def run_compare(data: str | Path, methods: list[str], labeled: list[float], seed
             save_split(make_split(records, cell.labeled, seed=cell.seed, source=data), split)
         vlm = ""
         if SEG_METHODS[cell.method].needs_vlm:
-            vlm_run = out / f"vlm_s{cell.seed}"
+            # one VLM per seed and pre-training method (AMVLM's objective for `amvlm`, DuSSS's for `dusss`)
+            objective = SEG_METHODS[cell.method].vlm_pretrain
+            vlm_run = out / (f"vlm_s{cell.seed}" if objective == "dusss" else f"vlm_{objective}_s{cell.seed}")
             if not RunFiles(vlm_run).done.is_file():
                 pcfg = load_config(PretrainConfig, pretrain_config,
                                    {"data": str(data), "out": str(vlm_run), "seed": cell.seed, "progress": progress,
-                                    **(pretrain_overrides or {})})
+                                    **(pretrain_overrides or {}), "method": objective})
                 run_pretrain(pcfg, overwrite=False, resume=RunFiles(vlm_run).state.is_file())
             vlm = str(RunFiles(vlm_run).vlm)
         if progress:  # the grid at a glance: done / running / left, and the time per cell so far

@@ -210,6 +210,9 @@ class SegMethod:
 
     name: str = ""
     needs_vlm: bool = False
+    # The pre-training method (`PRETRAIN_METHODS`) whose VLM this method expects, for harnesses that pre-train
+    # one for it (`dusss compare`); meaningful only when `needs_vlm`.
+    vlm_pretrain: ClassVar[str] = "dusss"
     uses_unlabeled: bool = False
     # The method's published setting as dotted `TrainConfig` keys (`seg_method_preset`); a class attribute so
     # that a method registered from another module brings its own.
@@ -797,6 +800,8 @@ class DuSSSMethod(MeanTeacherMethod):
 @register_seg_method("amvlm")
 class AMVLMMethod(DuSSSMethod):
     """AMVLM Step 2: the same SSMIS stage as DuSSS (only the pretrained VLM differs)."""
+
+    vlm_pretrain = "amvlm"
 
 
 # Each method's published setting, as dotted `TrainConfig` keys. `dusss train` applies the preset of the
