@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dusss.demo import run_demo
+from dusss.demo import demo_lanes, run_demo
 
 pytestmark = pytest.mark.slow(seconds=55)  # about this long at one thread (tests/conftest.py runs it early)
 
@@ -34,6 +34,9 @@ def test_summary_has_every_method_and_pseudo_label_dice(demo: tuple[Path, dict])
     assert len({r["steps"] for r in on_disk["methods"].values()}) == 1
     assert set(on_disk["pseudo_label_dice"]) == {"teacher", "text", "merged"}
     assert on_disk["seconds"] > 0 and on_disk["seconds"] == pytest.approx(summary["seconds"])
+    # trained in two processes at once on a machine with 2+ cores ([VLM -> dusss] beside [supervised -> mt])
+    assert on_disk["lanes"] == demo_lanes() and set(on_disk["train_seconds"]) == {"supervised", "mt", "dusss"}
+    assert on_disk["vlm_seconds"] > 0 and all((out / m / "DONE").is_file() for m in on_disk["methods"])
 
 
 def test_report_is_self_contained_and_has_the_table(demo: tuple[Path, dict]) -> None:
