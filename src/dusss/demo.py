@@ -46,10 +46,12 @@ class DemoSize:
     batch_size: int
 
 
-# 24 epochs of 8 steps (one pass over the 57 unlabeled images) = 192 steps at 64 px and lr 3e-3: three runs fit
-# the 5-minute budget (64 px costs half of 96 px an epoch; 279 s on an idle 2-core machine, docs/benchmarks.md). `unimatch` (4.5x a supervised step) is left to
-# benchmarks/phantom_ssl.py.
-FULL = DemoSize(n_images=128, image_size=64, pretrain_epochs=4, train_epochs=24, unet_width=16, batch_size=8)
+# 256 phantoms: 24 epochs of 15 steps (one pass over the 115 unlabeled images) = 360 steps at 64 px and lr 3e-3,
+# and a 51-image test split (39 labeled, 51 val). At one thread per lane a step costs half what it cost at two threads in one process
+# (the small U-Net loses to the threading overhead), so twice the data and steps of the 128-phantom demo (192
+# steps, 110 s in two lanes) fit the 5-minute budget (docs/benchmarks.md). `unimatch` (4.5x a supervised step)
+# is left to benchmarks/phantom_ssl.py.
+FULL = DemoSize(n_images=256, image_size=64, pretrain_epochs=4, train_epochs=24, unet_width=16, batch_size=8)
 QUICK = DemoSize(n_images=48, image_size=64, pretrain_epochs=2, train_epochs=3, unet_width=8, batch_size=8)
 
 
