@@ -350,12 +350,11 @@ def test_presets_give_each_method_its_published_setting_under_file_and_flags(tmp
     assert cfg.semi.consistency_weight == 0.5  # the file wins over the preset
     assert cfg.semi.perturb.pseudo_label == "hard" and cfg.semi.perturb.feature_dropout == 0.5
     assert seg_method_preset("supervised") == {}
-    # DuSSS takes hard confident targets too since session 9 (test_dusss_hard_confident_targets_by_hand), and
-    # its preset since session 11: the student on the strong view, confident hard targets at τ 0.95
+    # DuSSS takes hard confident targets too since session 9 (test_dusss_hard_confident_targets_by_hand); its
+    # preset keeps the paper's soft targets with the student on the strong view (val chose them on MoNuSeg)
     for name in ("dusss", "amvlm"):
         cfg = load_config(TrainConfig, None, {"method": name}, presets=seg_method_preset(name))
-        assert cfg.semi.perturb.strong and cfg.semi.perturb.pseudo_label == "hard"
-        assert cfg.semi.perturb.confidence == 0.95
+        assert cfg.semi.perturb.strong and cfg.semi.perturb.pseudo_label == "soft"
     assert _build("dusss", perturb=PerturbConfig(pseudo_label="hard"))[0].cfg.perturb.pseudo_label == "hard"
     with pytest.raises(ConfigError, match="separate"):
         SegMethodConfig(student_forward="joint", perturb=PerturbConfig(feature_dropout=0.5))
