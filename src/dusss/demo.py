@@ -122,8 +122,7 @@ def _train_all(pre: Any, trains: dict[str, Any], lanes: int) -> dict[str, float]
     if lanes <= 1:
         import torch
 
-        return {**_run_chain(chains[0], torch.get_num_threads(), "lane 1"),
-                **_run_chain(chains[1], torch.get_num_threads(), "lane 1")}
+        return _run_chain(chains[0] + chains[1], torch.get_num_threads(), "lane 1")
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from dataclasses import replace
