@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dusss.data.caption import caption_mask, find_regions, label_components
+from dusss.data.caption import caption_mask, described_cells, find_regions, label_components
 
 from .builders import box_mask
 
@@ -158,3 +158,18 @@ def test_described_lesions_are_those_whose_lung_and_zones_the_report_names() -> 
     assert text == caption_mask(m) and np.array_equal(target, m.astype(bool))
     text, target = described_lesions(m, np.zeros_like(m))
     assert text == "No pulmonary infection." and not target.any()
+
+
+def test_described_cells_are_the_named_lung_zones_as_pixels() -> None:
+    """6 x 4 image: zones are rows 0-1 / 2-3 / 4-5, the patient's left lung is columns 2-3 (radiological)."""
+    m = np.zeros((6, 4), dtype=np.uint8)
+    m[5, 0] = 1  # bottom row, image left: "lower right lung"
+    m[1:4, 3] = 1  # rows 1-3 of the image's right column: a third in the upper zone, two in the middle
+    assert caption_mask(m) == "Bilateral pulmonary infection, two infected areas, upper middle left lung and lower right lung."
+    want = np.zeros((6, 4), dtype=bool)
+    want[4:6, 0:2] = True  # lower right lung
+    want[0:4, 2:4] = True  # upper and middle left lung
+    np.testing.assert_array_equal(described_cells(m), want)
+    assert not described_cells(np.zeros((6, 4))).any()  # "No pulmonary infection." names no cell
+    with pytest.raises(ValueError, match="2-D"):
+        described_cells(np.zeros((1, 6, 4)))

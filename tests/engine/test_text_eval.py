@@ -9,7 +9,7 @@ from torch import nn
 
 from dusss.data.manifest import read_manifest
 from dusss.data.synth import generate_phantoms
-from dusss.engine.text_eval import NONE_PROMPT, zone_margin, zone_prompts, zone_scores
+from dusss.engine.text_eval import NONE_PROMPT, report_ceiling, zone_margin, zone_prompts, zone_scores
 
 SIZE = 64
 
@@ -85,3 +85,27 @@ def test_zone_scores_of_a_text_blind_generator(records: list) -> None:
     assert out["zone_gain"] == pytest.approx(0.0, abs=1e-6)
     assert out["none_gap"] == pytest.approx(0.0, abs=1e-6) and out["none_below"] == 0.0
     assert NONE_PROMPT not in {t for t, _ in zone_prompts(SIZE).values()}
+
+
+def test_report_ceiling_cuts_the_pseudo_label_to_the_cells_and_components_the_report_names() -> None:
+    """6 x 4 image, one lesion in the "lower right lung" (rows 4-5, columns 0-1 are its cell)."""
+    mask = np.zeros((6, 4))
+    mask[5, 0:2] = 1  # 2 px
+    prob = np.full((6, 4), 0.4)
+    prob[3:6, 0] = 0.6  # a blob from the middle zone down into the lesion's cell ...
+    prob[5, 1] = 0.5  # ... (threshold 0.5 counts as foreground) ...
+    prob[0, 3] = 0.9  # ... and a false positive in the upper left lung, which the report does not name
+    got = report_ceiling(prob, mask)
+    assert got["pseudo"] == pytest.approx(2 * 2 / (5 + 2))  # 5 predicted px, 2 of them on the lesion
+    assert got["cells"] == pytest.approx(2 * 2 / (3 + 2))  # (3,0) and (0,3) fall outside the named cell
+    assert got["components"] == pytest.approx(2 * 2 / (4 + 2))  # the blob touching the cell stays whole
+    assert np.isnan(got["false_positive"])
+    assert report_ceiling(prob, mask, threshold=0.55)["pseudo"] == pytest.approx(2 * 1 / (4 + 2))
+
+
+def test_report_ceiling_on_a_lesion_free_image_counts_the_false_positive() -> None:
+    empty = np.zeros((6, 4))
+    got = report_ceiling(np.full((6, 4), 0.7), empty)
+    assert np.isnan(got["pseudo"]) and np.isnan(got["cells"]) and np.isnan(got["components"])
+    assert got["false_positive"] == 1.0
+    assert report_ceiling(np.full((6, 4), 0.2), empty)["false_positive"] == 0.0

@@ -628,3 +628,136 @@ def test_clean_unlabeled_pass_updates_running_stats_only_when_asked(update: bool
         assert tracked == 2 and torch.equal(mean, ref_mean)
     else:
         assert tracked == 1 and torch.allclose(mean, alone.inc[1].running_mean) and not torch.allclose(mean, ref_mean)
+
+
+# -- mutation-found blind spots (docs/mutation.md): CutMix of the targets, term weights and signs ------------
+
+SOFTPLUS_8 = math.log1p(math.exp(-8.0))  # BCE of logit 8 against target 1 (and of −8 against 0)
+
+
+class _Pointwise(torch.nn.Module):
+    """logits = scale·(channel mean − ½) per pixel: the logits of a CutMixed view are the CutMix of the weak
+    view's logits, so a target CutMixed like the student's view matches the student exactly. Records the
+    `feature_dropout` of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(20.0))
+        self.dropouts: list[float] = []
+
+    def forward(self, x: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
+        self.dropouts.append(feature_dropout)
+        return self.scale * (x.mean(1, keepdim=True) - 0.5)
+
+
+class _StubTextMask(torch.nn.Module):
+    """A text-mask generator whose logits are the pointwise student's (so that the gate-open targets, merged and
+    text, are CutMixed like the view too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kappa, self.beta = torch.tensor(1.0), torch.tensor(0.0)
+
+    def forward(self, x: torch.Tensor, texts: list[str], with_tg: bool = False) -> dict:
+        return {"logits": 20.0 * (x.mean(1, keepdim=True) - 0.5), "loss_tg": None}
+
+
+def _two_flat_images(second: float) -> dict:
+    """Unlabeled batch of two flat images, 0.9 (logit 8) and `second`; CutMix pastes a box of each into the other."""
+    images = torch.stack([torch.full((3, S, S), 0.9), torch.full((3, S, S), second)])
+    return {"image": images, "text": ["left lung", "right lung"], "key": ["u0.png", "u1.png"]}
+
+
+def _cutmix_only(**kw) -> PerturbConfig:
+    return PerturbConfig(strong=True, jitter_p=0.0, blur_p=0.0, cutmix_p=1.0, cutmix_area=(0.2, 0.4), **kw)
+
+
+def _pointwise_method(name: str, **cfg) -> tuple:
+    torch.manual_seed(0)
+    student = _Pointwise()
+    method = build_seg_method(name, SegMethodConfig(**cfg), student,
+                              BagOfWordsVLM() if SEG_METHODS[name].needs_vlm else None)
+    method.train()
+    return method, student
+
+
+def test_mt_consistency_target_is_cutmixed_like_the_student_view() -> None:
+    """Box areas 20-40 %: an unmixed target would cost (σ(8) − σ(−8))² ≈ 1 on every box pixel."""
+    method, _ = _pointwise_method("mt", consistency="mse", rampup_fraction=0.0, perturb=_cutmix_only())
+    _, logs = method.loss(_batch(2, 1, True), _two_flat_images(0.1))
+    assert logs["cons"] < 1e-10
+
+
+def test_unimatch_cutmixes_targets_and_confidence_weights_of_both_strong_views() -> None:
+    """Image 1 is flat 0.5 (logit 0, confidence ½ < τ): its pixels weigh 0 wherever CutMix puts them. With the
+    targets and weights CutMixed like each strong view, only confident pixels of the 0.9 image count, each
+    BCE(8, 1) = softplus(−8), summed over the weighted pixels and divided by all pixels; an unmixed weight or
+    target counts box pixels at BCE(0, 1) = log 2."""
+    method, _ = _pointwise_method("unimatch", consistency="bce", rampup_fraction=0.0,
+                                  perturb=_cutmix_only(pseudo_label="hard", confidence=0.95))
+    _, logs = method.loss(_batch(2, 1, True), _two_flat_images(0.5))
+    assert 0.4 * SOFTPLUS_8 < logs["u_s"] <= SOFTPLUS_8 * 1.0001
+
+
+@pytest.mark.parametrize("gate", ["closed", "open"])
+def test_dusss_semi_targets_are_cutmixed_and_hard_with_the_confidence_of_the_preset(gate: str) -> None:
+    """Hard confident targets (τ 0.95) CutMixed like the strong view: every pixel costs BCE(±8, 1/0) =
+    softplus(−8), merged (teacher + text logits, gate open) and text term alike. Soft targets would cost the
+    entropy of σ(8), 9× more; an unmixed target, 8 on each box pixel."""
+    method, _ = _pointwise_method("dusss", text_gate="dice", text_gate_dice=0.0 if gate == "open" else 1.0,
+                                  text_warmup_steps=0, perturb=_cutmix_only(pseudo_label="hard", confidence=0.95))
+    method.text_mask = _StubTextMask()
+    _, logs = method.loss(_batch(2, 1, True), _two_flat_images(0.1))
+    assert logs["text_gate"] == (1.0 if gate == "open" else 0.0)
+    assert logs["semi_merged"] == pytest.approx(SOFTPLUS_8, rel=1e-3)
+    if gate == "open":
+        assert logs["semi_text"] == pytest.approx(SOFTPLUS_8, rel=1e-3)
+    else:
+        assert "semi_text" not in logs
+
+
+def test_feature_dropout_reaches_only_the_student_s_unlabeled_pass() -> None:
+    method, student = _pointwise_method("mt", perturb=PerturbConfig(feature_dropout=0.5))
+    method.loss(_batch(2, 1, True), _two_flat_images(0.1))
+    assert student.dropouts == [0.0, 0.5]  # labeled pass (default), then the unlabeled pass with the dropout
+    student.dropouts.clear()
+    method, student = _pointwise_method("mt")
+    method.loss(_batch(2, 1, True), _two_flat_images(0.1))
+    assert student.dropouts == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["mt", "dusss", "amvlm"])
+def test_total_loss_is_the_weighted_sum_of_its_logged_terms(name: str) -> None:
+    """loss = L_sup + λ·L_u + tg_weight·L_tg + text_supervised_weight·L_text_sup, with λ from the ramp and each
+    weight ≠ 1, so a dropped weight or a flipped sign shows."""
+    cfg = {"consistency_weight": 0.7, "rampup_fraction": 0.5}
+    if name != "mt":
+        cfg.update(text_gate_dice=0.0, tg_weight=0.3, text_supervised_weight=0.4)
+    method, _, _ = _build(name, **cfg)
+    method.train()
+    loss, logs = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=3, total_steps=10)
+    lam = consistency_lambda(method.cfg, 3, 10)
+    assert logs["lambda"] == pytest.approx(lam) and 0 < lam < 0.7
+    want = logs["sup"] + lam * logs["cons" if name == "mt" else "semi"]
+    if name != "mt":
+        assert logs["tg"] > 0 and logs["text_sup"] > 0
+        want += 0.3 * logs["tg"] + 0.4 * logs["text_sup"]
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_sup_loss_uses_the_configured_kind_over_the_images_with_a_mask_only() -> None:
+    """`seg_loss: bce` reaches L_sup; a batch with one mask of two is the mean over that one image (not halved);
+    a batch without masks gives exactly 0 and no gradient."""
+    method, student, _ = _build("supervised", seg_loss="bce")
+    method.train()
+    batch = _batch(2, 1, True)
+    batch["has_mask"] = torch.tensor([True, False])
+    loss, _ = method.loss(batch)
+    with torch.no_grad():
+        z = student(batch["image"])
+    assert float(loss) == pytest.approx(float(seg_loss(z[:1], batch["mask"][:1], "bce")), rel=1e-5)
+    no_mask = {k: v for k, v in batch.items() if k not in ("mask", "has_mask")}
+    loss, logs = method.loss(no_mask)
+    assert float(loss) == 0.0 and logs["sup"] == 0.0
+    loss.backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in student.parameters())

@@ -209,6 +209,24 @@ def _generic(regions: list[Region], height: int, width: int) -> str:
     return f"{word[0].upper() + word[1:]} region{'s' if n > 1 else ''}: {joined}."
 
 
+def described_cells(mask: np.ndarray) -> np.ndarray:
+    """Bool [H,W]: the (lung, zone) cells that the ``"qata"`` report of `mask` names, each a third of the image
+    height by a half of its width ("lower left lung" = the bottom third of the image's right half); all False
+    for a lesion-free mask ("No pulmonary infection."). Everything that report says about *where*, as pixels."""
+    m = np.asarray(mask) >= 0.5
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
+    h, w = m.shape
+    zone = zone_of_rows(np.arange(h), h)[:, None]
+    left = (np.arange(w) >= (w - 1) / 2.0)[None, :]  # the patient's left lung, as `_side` reads a centroid
+    cells = np.zeros((h, w), dtype=bool)
+    for side, zones in _lung_zones(find_regions(m.astype(np.uint8)), w).items():
+        on_side = left if side == "left" else ~left
+        for z in zones:
+            cells |= (zone == z) & on_side
+    return cells
+
+
 def check_caption_style(style: str, option: str = "style") -> None:
     """ConfigError naming `option` unless `style` is one of CAPTION_STYLES."""
     if style not in CAPTION_STYLES:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dusss.data.caption import caption_mask
+from dusss.data.caption import caption_mask, described_cells, label_components
 from dusss.data.datasets import SegmentationDataset
 from dusss.data.manifest import Record
 from dusss.data.synth import lung_zone_masks
@@ -141,3 +141,28 @@ def zone_scores(generator: Any, records: list[Record], image_size: int) -> dict[
             "lung_mean": float(means[:, :-1].mean()), "none_mean": float(means[:, -1].mean()),
             "n": float(len(marg)),
             **{f"margin_{z}_{side}": float(m) for (z, side), m in zip(keys, marg.mean(axis=0))}}
+
+
+def report_ceiling(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """What a text mask that knew the report's words exactly could add to the pseudo-label `prob` [H,W] of one
+    image with true `mask` [H,W] (`described_cells`: the report says which lung zones hold lesions, not their
+    outlines). Returns Dice (p ≥ `threshold`) of the pseudo-label as it is (`pseudo`), cut to the named cells
+    (`cells`), and reduced to its connected components that touch a named cell (`components`); NaN on a
+    lesion-free mask (the pinned protocol's `empty_policy="skip"`), where `false_positive` is 1.0 when the
+    pseudo-label has foreground (0.0 when not; NaN on a lesion image) and the report ("No pulmonary
+    infection.") would empty it."""
+    m = np.asarray(mask) >= 0.5
+    pred = np.asarray(prob) >= threshold
+    cells = described_cells(m)
+    labels, n = label_components(pred)
+    touching = np.unique(labels[pred & cells])
+    components = np.isin(labels, touching[touching > 0]) if n else np.zeros_like(pred)
+    truth = torch.from_numpy(m[None, None].astype(np.float32))
+
+    def dice(p: np.ndarray) -> float:
+        return float(dice_score(torch.from_numpy(p[None, None].astype(np.float32)), truth, empty_policy="skip")[0])
+
+    nan = float("nan")
+    return {"pseudo": dice(pred), "cells": dice(pred & cells), "components": dice(components),
+            "false_positive": nan if m.any() else float(pred.any())}
+
