@@ -761,3 +761,185 @@ def test_sup_loss_uses_the_configured_kind_over_the_images_with_a_mask_only() ->
     assert float(loss) == 0.0 and logs["sup"] == 0.0
     loss.backward()
     assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in student.parameters())
+
+
+def test_methods_forward_their_teacher_norm_and_text_mask_settings() -> None:
+    for norm in ("batch", "running"):
+        assert _build("mt", teacher_norm=norm)[0].teacher.norm == norm
+    method, _, _ = _build("dusss")
+    assert method.text_mask.cfg.skip_channels == 16  # SegMethodConfig's text_mask default, not TextMaskConfig's
+
+
+def test_warmup_minimises_l_tg_with_its_weight() -> None:
+    """L_tg alone (text_supervised_weight 0): the warm-up lowers it; a flipped sign or weight would raise it."""
+    method, _, _ = _build("dusss", text_mask_lr=1e-2, tg_weight=0.5, text_supervised_weight=0.0)
+    batch = _batch(8, 0, True)
+    first = method.warmup(iter([batch]), 1, lr=1e-3, weight_decay=0.0)["tg"]
+    last = method.warmup(iter([batch] * 30), 30, lr=1e-3, weight_decay=0.0)["tg"]
+    assert last < first - 0.05, (first, last)
+
+
+@pytest.mark.parametrize("text_lr", [0.0, 3e-2])
+def test_warmup_steps_at_the_text_mask_lr_or_the_run_lr(text_lr: float) -> None:
+    """AdamW's first step moves each weight with a gradient by about its lr (`text_mask_lr`; 0 = the run's)."""
+    method, _, _ = _build("dusss", text_mask_lr=text_lr, tg_weight=0.0)
+    params = method.text_mask.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    method.warmup(iter([_batch(4, 0, True)]), 1, lr=1e-3, weight_decay=0.0)
+    step = max(float((p - b).abs().max()) for p, b in zip(params, before))
+    assert step == pytest.approx(text_lr or 1e-3, rel=0.01)
+
+
+def test_warmup_fits_only_the_images_the_gain_gate_does_not_hold_out() -> None:
+    method, _, _ = _build("dusss", text_mask_lr=1e-2, tg_weight=0.0, text_gate_holdout=0.5)
+    batch = _batch(16, 0, True)
+    held = method._gate_holdout(batch, 16)
+    params = method.text_mask.trainable_parameters()
+
+    def moved(rows: torch.Tensor) -> bool:
+        b = {**batch, "has_mask": rows}
+        before = [p.detach().clone() for p in params]
+        method.warmup(iter([b]), 1, lr=1e-3, weight_decay=0.0)
+        return any(not torch.equal(p, q) for p, q in zip(params, before))
+
+    assert not moved(held)  # only held-out images have masks: nothing to fit
+    assert moved(~held)
+    method.cfg.text_sub_reports = 1.0  # ... and the sub-reports are drawn among the images it fits
+    seen: list[torch.Tensor] = []
+    sub_reports = method._sub_reports
+    method._sub_reports = lambda texts, y, has: (seen.append(has.clone()), sub_reports(texts, y, has))[1]
+    method.warmup(iter([batch]), 1, lr=1e-3, weight_decay=0.0)
+    assert len(seen) == 1 and torch.equal(seen[0], ~held)
+
+
+@pytest.mark.parametrize("holdout", [0.5, 0.0])
+def test_sub_reports_skip_held_out_images_and_the_gain_is_measured_on_the_right_rows(
+        holdout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gain gate measures on the held-out images when there are any, else on the images that kept their own
+    report; sub-reports are drawn for the others only."""
+    method, _, _ = _build("dusss", text_gate_holdout=holdout, text_sub_reports=0.5)
+    batch = _batch(16, 0, True)
+    batch["has_mask"] = torch.tensor([i % 4 != 3 for i in range(16)])
+    held = method._gate_holdout(batch, 16)
+    seen: dict[str, torch.Tensor] = {}
+    sub_reports, update_gain = method._sub_reports, method._update_text_gain
+
+    def spy_sub(texts, y, has):
+        seen["sub_has"] = has.clone()
+        texts, y, replaced = sub_reports(texts, y, has)
+        seen["replaced"] = replaced.clone()
+        return texts, y, replaced
+
+    def spy_gain(x, z_text, y, use):
+        seen["gain_rows"] = use.clone()
+        return update_gain(x, z_text, y, use)
+
+    monkeypatch.setattr(method, "_sub_reports", spy_sub)
+    monkeypatch.setattr(method, "_update_text_gain", spy_gain)
+    method.train()
+    torch.manual_seed(1)
+    method.loss(batch, None, 0, 10)
+    has = batch["has_mask"]
+    assert torch.equal(seen["sub_has"], has & ~held)
+    replaced = seen["replaced"]
+    assert not (replaced & ~seen["sub_has"]).any() and (seen["sub_has"] & ~replaced).any()  # a share of them
+    if holdout > 0:
+        assert held.any() and torch.equal(seen["gain_rows"], has & held)
+    else:
+        assert not held.any() and seen["replaced"].any()
+        assert torch.equal(seen["gain_rows"], has & ~seen["replaced"])
+
+
+def test_state_round_trip_restores_the_gate_and_extra_heads() -> None:
+    method, _, vlm = _build("dusss")
+    method.text_gain, method.text_reliability = torch.tensor(0.25), torch.tensor(0.6)
+    other = build_seg_method("dusss", SegMethodConfig(), UNet(UNetConfig(base_width=8)), vlm)
+    other.load_state_dict(method.state_dict())
+    assert float(other.text_gain) == 0.25 and float(other.text_reliability) == pytest.approx(0.6)
+    assert other.text_gate_open()
+    torch.manual_seed(0)
+    cct = build_seg_method("cct", SegMethodConfig(), UNet(UNetConfig(base_width=8)))
+    with torch.no_grad():
+        for p in cct.heads.parameters():
+            p.add_(0.5)
+    fresh = build_seg_method("cct", SegMethodConfig(), UNet(UNetConfig(base_width=8)))
+    fresh.load_state_dict(cct.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(cct.heads.state_dict().values(), fresh.heads.state_dict().values()))
+
+
+def test_state_with_a_wrong_shape_or_a_missing_key_is_refused_by_name() -> None:
+    method, _, _ = _build("mt")
+    state = method.state_dict()
+    key = next(k for k, v in state.items() if v.ndim == 4)
+    with pytest.raises(CheckpointError, match=rf"0 missing, 0 unexpected, 1 with another shape \(e.g. {key}\)"):
+        method.load_state_dict({**state, key: state[key][:1]})
+    with pytest.raises(CheckpointError, match=rf"1 missing, 0 unexpected, 0 with another shape \(e.g. {key}\)"):
+        method.load_state_dict({k: v for k, v in state.items() if k != key})
+
+
+def test_unpack_defaults_for_batches_without_flags_or_texts() -> None:
+    method, _, _ = _build("mt")
+    images, mask = torch.zeros(3, 3, S, S), torch.zeros(3, 1, S, S)
+    x, y, has, texts = method._unpack({"image": images, "mask": mask})  # no has_mask: a mask means all have one
+    assert x is images and y is mask and has.dtype == torch.bool and has.tolist() == [True] * 3
+    assert texts == ["", "", ""]
+    _, y, has, texts = method._unpack({"image": images, "has_mask": [1, 0, 1], "text": "one report"})
+    assert y is None and has.tolist() == [False] * 3  # no mask tensor: nothing has one, whatever the flags say
+    assert texts == ["one report"]
+    _, _, has, _ = method._unpack({"image": images, "mask": mask, "has_mask": [[1], [0], [1]]})
+    assert has.tolist() == [True, False, True]
+
+
+def test_trainable_parameters_are_unique_and_include_the_text_mask_generator() -> None:
+    method, student, _ = _build("dusss")
+    student.inc[0].weight.requires_grad_(False)
+    params = method.parameters()
+    assert len({id(p) for p in params}) == len(params) and all(p.requires_grad for p in params)
+    assert not any(p is student.inc[0].weight for p in params)
+    assert method.text_mask in method.modules_to_train() and student in method.modules_to_train()
+    assert any(p is q for p in params for q in method.text_mask.trainable_parameters())
+    mt, mt_student, _ = _build("mt")
+    assert mt.modules_to_train() == [mt_student]
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_strong_view_pass_leaves_running_stats_unless_asked(update: bool) -> None:
+    """`perturb.bn_update_perturbed`: the student's pass over the strong view updates BatchNorm's running
+    statistics only when set (the authors' code); by default only the clean labeled pass does."""
+    method, student, _ = _build("mt", perturb=PerturbConfig(strong=True, bn_update_perturbed=update))
+    method.train()
+    method.loss(_batch(2, 1, True), _batch(2, 2, False), step=0, total_steps=10)
+    assert int(student.inc[1].num_batches_tracked) == (2 if update else 1)
+
+
+@pytest.mark.parametrize(("field", "good", "message"), [
+    ("ema_buffers", "copy", "ema_buffers must be copy or ema"),
+    ("teacher_norm", "running", "teacher_norm must be batch or running"),
+    ("seg_loss", "bce", "seg_loss must be dice_bce or bce"),
+    ("semi_loss", "dice_bce", "semi_loss must be dice_bce or bce"),
+    ("consistency", "bce", "consistency must be bce, mse or dice_bce"),
+    ("student_forward", "joint", "student_forward must be separate or joint"),
+    ("merge", "prob", "merge must be logit or prob"),
+    ("text_supervised_loss", "bce", "text_supervised_loss must be dice_bce or bce"),
+    ("text_gate", "dice", "text_gate must be gain or dice"),
+])
+def test_config_choices_are_checked_by_name(field: str, good: str, message: str) -> None:
+    assert getattr(SegMethodConfig(**{field: good}), field) == good
+    with pytest.raises(ConfigError, match=f"{message}, got 'bogus'"):
+        SegMethodConfig(**{field: "bogus"})
+
+
+def test_config_ranges_and_feature_dropout_name_their_field() -> None:
+    with pytest.raises(ConfigError, match=r"^semi\.consistency_weight must be in"):
+        SegMethodConfig(consistency_weight=-1.0)
+    with pytest.raises(ConfigError, match=r"^perturb\.feature_dropout needs student_forward: separate"):
+        SegMethodConfig(student_forward="joint", perturb=PerturbConfig(feature_dropout=0.5))
+
+
+def test_seg_method_preset_reads_the_table_then_the_class() -> None:
+    from dusss.methods.segmentation import METHOD_PRESETS, seg_method_preset
+
+    assert seg_method_preset("unimatch") == METHOD_PRESETS["unimatch"]
+    assert seg_method_preset("unimatch") is not METHOD_PRESETS["unimatch"]  # a copy
+    assert seg_method_preset("cct") == dict(SEG_METHODS["cct"].preset) != {}
+    assert seg_method_preset("supervised") == {} and seg_method_preset("no-such-method") == {}

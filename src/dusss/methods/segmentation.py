@@ -317,8 +317,7 @@ class SegMethod:
         if missing or unexpected or shape:
             raise CheckpointError(
                 f"method state for {self.name!r} does not match: {len(missing)} missing, "
-                f"{len(unexpected)} unexpected, {len(shape)} with another shape"
-                + (f" (e.g. {(missing + unexpected + shape)[0]})" if missing or unexpected or shape else "")
+                f"{len(unexpected)} unexpected, {len(shape)} with another shape (e.g. {(missing + unexpected + shape)[0]})"
             )
         for name in ("text_reliability", "text_gain"):
             if name in state:
