@@ -9,13 +9,14 @@ import torch
 
 from dusss.config import from_dict
 from dusss.errors import CheckpointError, ConfigError
-from dusss.losses.segmentation import seg_loss, soft_bce
+from dusss.losses.segmentation import seg_loss, semi_loss, soft_bce
 from dusss.methods.perturb import PerturbConfig
 from dusss.methods.segmentation import (
     SEG_METHODS,
     AMVLMMethod,
     DuSSSMethod,
     SegMethodConfig,
+    _decay_groups,
     build_seg_method,
     consistency_lambda,
 )
@@ -404,6 +405,55 @@ def test_dusss_gate_open_semi_loss_by_hand_with_a_distinct_teacher() -> None:
     assert loss.item() == pytest.approx(logs["sup"] + logs["semi"], rel=1e-5)
 
 
+def test_dusss_forwards_its_semi_loss_kind_merge_and_text_term() -> None:
+    """Non-default `semi_loss`, `merge` and `text_term` reach `semi_loss` (the defaults of both agree, so only a
+    non-default setting shows a dropped argument)."""
+    _, logs, z_s, z_t, z_text = _dusss_gate_open_step(semi_loss="dice_bce", merge="prob", text_term=False)
+    want, _ = semi_loss(z_s, z_t, z_text, "dice_bce", use_text_term=False, merge="prob")
+    assert "semi_text" not in logs
+    assert logs["semi"] == pytest.approx(float(want), rel=1e-5)
+    assert abs(float(want) - float(semi_loss(z_s, z_t, z_text, use_text_term=False)[0])) > 1e-3
+
+
+def test_dusss_gate_closed_uses_the_teacher_alone_with_the_configured_semi_loss() -> None:
+    method, student, _ = _build("dusss", rampup_fraction=0.0, text_gate_dice=1.0, semi_loss="dice_bce",
+                                text_warmup_steps=0)
+    _perturbed_teacher(method)
+    method.train()
+    unl = _batch(3, 2, False)
+    _, logs = method.loss(_batch(2, 1, True), unl)
+    assert logs["text_gate"] == 0.0 and "semi_text" not in logs
+    with torch.no_grad():
+        z_s, z_t = student(unl["image"]), method.teacher(unl["image"])
+    assert logs["semi"] == pytest.approx(float(seg_loss(z_s, torch.sigmoid(z_t), "dice_bce")), rel=1e-5)
+
+
+def test_dusss_refuses_labeled_and_unlabeled_images_of_different_sizes() -> None:
+    method, _, _ = _build("dusss")
+    method.train()
+    small = _batch(2, 2, False)
+    small["image"] = small["image"][..., :16, :16]
+    with pytest.raises(ValueError, match="labeled and unlabeled images must have the same size"):
+        method.loss(_batch(2, 1, True), small)
+
+
+@pytest.mark.parametrize("name", ["mt", "unimatch", "dusss"])
+def test_a_step_without_an_unlabeled_batch_is_the_labeled_loss_alone(name: str) -> None:
+    method, _, _ = _build(name, tg_weight=0.0, text_supervised_weight=0.0)
+    method.train()
+    loss, logs = method.loss(_batch(2, 1, True), None, step=3, total_steps=10)
+    assert not {"cons", "semi", "semi_merged", "u_s"} & set(logs)
+    assert float(loss.detach()) == pytest.approx(logs["sup"], rel=1e-6)
+
+
+def test_weight_decay_goes_to_matrices_and_filters_not_to_vectors_or_scalars() -> None:
+    conv, lin, bias, scalar = (torch.nn.Parameter(torch.zeros(shape)) for shape in ((2, 2, 3, 3), (4, 3), (4,), ()))
+    decay, rest = _decay_groups([conv, lin, bias, scalar], 0.1, 0.01)
+    assert [id(p) for p in decay["params"]] == [id(conv), id(lin)] and decay["weight_decay"] == 0.01
+    assert [id(p) for p in rest["params"]] == [id(bias), id(scalar)] and rest["weight_decay"] == 0.0
+    assert decay["lr"] == rest["base_lr"] == 0.1
+
+
 def test_dusss_hard_confident_targets_by_hand() -> None:
     """`perturb.pseudo_label: hard` (gate open): eqs 16-17 on 1[q ≥ 0.5] where max(q, 1 − q) ≥ τ."""
     _, logs, z_s, z_t, z_text = _dusss_gate_open_step(perturb=PerturbConfig(pseudo_label="hard", confidence=0.6))
@@ -483,7 +533,7 @@ def test_sub_reports_swap_in_the_report_and_mask_of_a_subset_of_the_lesions() ->
 
     batch = _batch(16, 0, True)  # one square lesion per image
     method, _, _ = _build("dusss", text_sub_reports=1.0)
-    torch.manual_seed(3)
+    torch.manual_seed(1)
     texts, y, replaced = method._sub_reports(batch["text"], batch["mask"], batch["has_mask"])
     assert bool(replaced.all())
     dropped = 0
@@ -532,6 +582,30 @@ def test_swap_reports_give_the_next_image_s_report_and_the_lesions_it_describes(
     same_texts, _, none = method._sub_reports(batch["text"], batch["mask"], alone)
     assert not bool(none.any()) and same_texts == batch["text"]
 
+
+
+def test_swap_reports_only_for_the_chosen_rows_never_over_a_sub_report_and_with_two_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dusss.data import caption
+
+    batch = _batch(6, 1, True)
+    has = torch.ones(6, dtype=torch.bool)
+    half, _, _ = _build("dusss", text_swap_reports=0.5)
+    torch.manual_seed(1)
+    chosen = torch.rand(6) < 0.5
+    assert 0 < int(chosen.sum()) < 6 and not bool(chosen[0])  # a row left out comes before chosen ones
+    torch.manual_seed(1)
+    _, _, replaced = half._sub_reports(batch["text"], batch["mask"], has)
+    assert replaced.tolist() == chosen.tolist()
+    two = torch.tensor([True, True, False, False, False, False])
+    _, _, replaced = _build("dusss", text_swap_reports=1.0)[0]._sub_reports(batch["text"], batch["mask"], two)
+    assert replaced.tolist() == two.tolist()  # two rows with a mask swap their reports
+    calls = []
+    real = caption.described_lesions
+    monkeypatch.setattr(caption, "described_lesions", lambda *a: calls.append(a) or real(*a))
+    both, _, _ = _build("dusss", text_sub_reports=1.0, text_swap_reports=1.0)
+    _, _, replaced = both._sub_reports(batch["text"], batch["mask"], has)
+    assert bool(replaced.all()) and calls == []  # every row got a sub-report, so none is swapped on top
 
 
 def test_gain_gate_opens_only_while_the_merge_beats_the_teacher_on_labeled_images() -> None:
@@ -644,9 +718,11 @@ class _Pointwise(torch.nn.Module):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(20.0))
         self.dropouts: list[float] = []
+        self.inputs: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
         self.dropouts.append(feature_dropout)
+        self.inputs.append(x.detach().clone())
         return self.scale * (x.mean(1, keepdim=True) - 0.5)
 
 
@@ -697,6 +773,25 @@ def test_unimatch_cutmixes_targets_and_confidence_weights_of_both_strong_views()
                                   perturb=_cutmix_only(pseudo_label="hard", confidence=0.95))
     _, logs = method.loss(_batch(2, 1, True), _two_flat_images(0.5))
     assert 0.4 * SOFTPLUS_8 < logs["u_s"] <= SOFTPLUS_8 * 1.0001
+    assert logs["confident"] == pytest.approx(0.5)  # the 0.9 image's pixels reach τ, the 0.5 image's do not
+
+
+def test_unimatch_strong_views_are_on_whatever_the_config_says_and_the_fp_stream_drops_features() -> None:
+    """`perturb.strong: false` still gives UniMatch its strong (CutMixed) views; the student's passes are the
+    labeled batch, the weak view (no dropout), both strong views in one batch, then the weak view with
+    Dropout2d(`feature_dropout`)."""
+    method, student = _pointwise_method(
+        "unimatch", rampup_fraction=0.0,
+        perturb=PerturbConfig(strong=False, jitter_p=0.0, blur_p=0.0, cutmix_p=1.0, cutmix_area=(0.2, 0.4),
+                              feature_dropout=0.3))
+    unl = _two_flat_images(0.1)
+    method.loss(_batch(2, 1, True), unl)
+    assert student.dropouts == [0.0, 0.0, 0.0, 0.3]
+    weak, strong, fp = student.inputs[1], student.inputs[2], student.inputs[3]
+    assert torch.equal(weak, unl["image"]) and torch.equal(fp, unl["image"])
+    assert strong.shape[0] == 4
+    for view in strong:  # every strong view pastes a box of the other flat image
+        assert sorted(view.unique().tolist()) == pytest.approx([0.1, 0.9])
 
 
 @pytest.mark.parametrize("gate", ["closed", "open"])
@@ -726,20 +821,22 @@ def test_feature_dropout_reaches_only_the_student_s_unlabeled_pass() -> None:
     assert student.dropouts == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("name", ["mt", "dusss", "amvlm"])
+@pytest.mark.parametrize("name", ["mt", "unimatch", "dusss", "amvlm"])
 def test_total_loss_is_the_weighted_sum_of_its_logged_terms(name: str) -> None:
     """loss = L_sup + λ·L_u + tg_weight·L_tg + text_supervised_weight·L_text_sup, with λ from the ramp and each
     weight ≠ 1, so a dropped weight or a flipped sign shows."""
     cfg = {"consistency_weight": 0.7, "rampup_fraction": 0.5}
-    if name != "mt":
+    text = name in ("dusss", "amvlm")
+    if text:
         cfg.update(text_gate_dice=0.0, tg_weight=0.3, text_supervised_weight=0.4)
     method, _, _ = _build(name, **cfg)
     method.train()
     loss, logs = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=3, total_steps=10)
     lam = consistency_lambda(method.cfg, 3, 10)
     assert logs["lambda"] == pytest.approx(lam) and 0 < lam < 0.7
-    want = logs["sup"] + lam * logs["cons" if name == "mt" else "semi"]
-    if name != "mt":
+    want = logs["sup"] + lam * logs["semi" if text else "cons"]
+    assert logs["loss"] == pytest.approx(float(loss), rel=1e-6)
+    if text:
         assert logs["tg"] > 0 and logs["text_sup"] > 0
         want += 0.3 * logs["tg"] + 0.4 * logs["text_sup"]
     assert float(loss) == pytest.approx(want, rel=1e-5)
@@ -910,6 +1007,16 @@ def test_strong_view_pass_leaves_running_stats_unless_asked(update: bool) -> Non
     method.train()
     method.loss(_batch(2, 1, True), _batch(2, 2, False), step=0, total_steps=10)
     assert int(student.inc[1].num_batches_tracked) == (2 if update else 1)
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_unimatch_strong_and_feature_passes_leave_running_stats_unless_asked(update: bool) -> None:
+    """UniMatch: the labeled pass and the clean weak view update BatchNorm; the strong views and the feature
+    stream (its perturbed passes) only with `perturb.bn_update_perturbed`."""
+    method, student, _ = _build("unimatch", perturb=PerturbConfig(feature_dropout=0.5, bn_update_perturbed=update))
+    method.train()
+    method.loss(_batch(2, 1, True), _batch(2, 2, False), step=0, total_steps=10)
+    assert int(student.inc[1].num_batches_tracked) == (4 if update else 2)
 
 
 @pytest.mark.parametrize(("field", "good", "message"), [
