@@ -12,7 +12,8 @@ import pytest
 from scipy.stats import wilcoxon
 
 from dusss.data.synth import generate_phantoms
-from dusss.engine.compare import Cell, forward_flops, run_compare
+from dusss.engine.compare import Cell, forward_flops, run_compare, write_table
+from dusss.engine.logging import read_metrics
 from dusss.errors import ConfigError
 from dusss.models.unet import UNet, UNetConfig
 from dusss.testing import run_cli_in_process
@@ -58,6 +59,18 @@ def test_grid_table_and_resume(tmp_path: Path) -> None:
                         progress=False)
     assert {c: (r / "DONE").stat().st_mtime_ns for c, r in runs.items()} == stamps
     assert again == table
+    # stability per row: best and last val Dice over each run's epochs, and the drop between them, over seeds
+    vals = {c: [float(row["val/dice"]) for row in read_metrics(r / "metrics.jsonl")] for c, r in runs.items()}
+    best = [max(vals[("supervised", 0.5, s)]) for s in (0, 1)]
+    last = [vals[("supervised", 0.5, s)][-1] for s in (0, 1)]
+    assert sup["best_val"] == pytest.approx(sum(best) / 2) and sup["final_val"] == pytest.approx(sum(last) / 2)
+    assert sup["drop"] == pytest.approx((best[0] - last[0] + best[1] - last[1]) / 2) and sup["drop"] >= 0
+    assert f"| {sup['best_val']:.3f} / {sup['final_val']:.3f} |" in md
+    # tabulating alone trains nothing, and refuses a grid whose cells have not all finished
+    assert write_table(out, ["supervised", "mt"], [0.5], [0, 1], reference="mt") == table
+    with pytest.raises(ConfigError, match=r"2 cell\(s\) of the grid have not finished: supervised_l50_s2, mt_l50_s2"):
+        write_table(out, ["supervised", "mt"], [0.5], [0, 1, 2])
+    assert not (runs[("mt", 0.5, 1)].parent / "supervised_l50_s2").exists()
 
 
 def test_progress_lines_show_the_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,8 @@ reports, no masks). For each cell (method, fraction, seed): `run_train` from the
 DONE and whose test evaluation exists is not re-run; an interrupted one resumes from its state.
 
 OUT/table.json and OUT/table.md: test Dice / mIoU / HD95 mean ± std over seeds per (method, fraction), the
-U-Net's parameters and forward FLOPs (the paper's Complexity column), training seconds, the teacher's / text / merged pseudo-label Dice where there is one, and a
+U-Net's parameters and forward FLOPs (the paper's Complexity column), training seconds, best and last val Dice and
+the drop between them (stability), the teacher's / text / merged pseudo-label Dice where there is one, and a
 two-sided Wilcoxon signed-rank p-value of the `reference` method (default dusss, where it is in the grid)
 against each other method on paired per-image test Dice (same fraction, all seeds pooled).
 """
@@ -71,6 +72,12 @@ def _per_image_dice(eval_dir: Path) -> dict[str, float]:
         return {row["key"]: float(row["dice"]) for row in csv.DictReader(fh)}
 
 
+def _finished(run: Path) -> bool:
+    """A cell whose training has DONE and whose test evaluation has been written."""
+    test = run / "eval" / "test"
+    return RunFiles(run).done.is_file() and (test / "per_image.csv").is_file() and (test / "metrics.json").is_file()
+
+
 def run_compare(data: str | Path, methods: list[str], labeled: list[float], seeds: list[int], out: str | Path,
                 overrides: dict[str, Any] | None = None, train_config: str | Path | None = None,
                 pretrain_config: str | Path | None = None, pretrain_overrides: dict[str, Any] | None = None,
@@ -92,8 +99,7 @@ def run_compare(data: str | Path, methods: list[str], labeled: list[float], seed
     records = read_manifest(data)
     cells = [Cell(m, f, s) for s in seeds for f in labeled for m in methods]
     t0, trained = time.time(), 0
-    finished = [RunFiles(out / "runs" / c.name).done.is_file()
-                and (out / "runs" / c.name / "eval" / "test" / "per_image.csv").is_file() for c in cells]
+    finished = [_finished(out / "runs" / c.name) for c in cells]
     for i, cell in enumerate(cells):
         run = out / "runs" / cell.name
         eval_dir = run / "eval" / "test"
@@ -124,6 +130,19 @@ def run_compare(data: str | Path, methods: list[str], labeled: list[float], seed
             run_train(cfg, overwrite=False, resume=RunFiles(run).state.is_file())
         evaluate_run(run, data, split="test", out=eval_dir, overwrite=True)
         finished[i], trained = True, trained + 1
+    return write_table(out, methods, labeled, seeds, reference)
+
+
+def write_table(out: str | Path, methods: list[str], labeled: list[float], seeds: list[int],
+                reference: str | None = None) -> dict[str, Any]:
+    """Tabulate the finished cells of a grid (trains nothing) into OUT/table.json and OUT/table.md; returns the
+    table. Refuses, naming them, when cells of the grid have not finished (no DONE or no test evaluation)."""
+    out = Path(out)
+    cells = [Cell(m, f, s) for s in seeds for f in labeled for m in methods]
+    missing = [c.name for c in cells if not _finished(out / "runs" / c.name)]
+    if missing:
+        raise ConfigError(f"{out}: {len(missing)} cell(s) of the grid have not finished: {', '.join(missing[:6])}"
+                          + (", ..." if len(missing) > 6 else ""))
     table = _tabulate(out, methods, labeled, seeds, reference)
     atomic_write_text(out / "table.json", json.dumps(table, indent=2))
     atomic_write_text(out / "table.md", _markdown(table))
@@ -142,14 +161,15 @@ def _tabulate(out: Path, methods: list[str], labeled: list[float], seeds: list[i
     per_image: dict[tuple[str, float], dict[str, float]] = {}
     for method in methods:
         for frac in labeled:
-            metrics, secs, pseudo, steps, params, flops = [], [], {}, 0, 0, None
+            metrics, secs, pseudo, steps, params, flops, stab = [], [], {}, 0, 0, None, []
             for seed in seeds:
                 run = out / "runs" / Cell(method, frac, seed).name
                 ev = json.loads((run / "eval" / "test" / "metrics.json").read_text())
                 metrics.append(ev)
                 secs.append(float(RunFiles(run).done.read_text().split()[0]))
                 log = read_metrics(RunFiles(run).metrics)
-                steps = val_stability(log)["steps"]
+                stab.append(val_stability(log))
+                steps = stab[-1]["steps"]
                 for k, v in log[-1].items():
                     if k.startswith("pseudo/") and k.endswith("_dice"):
                         pseudo.setdefault(k.removeprefix("pseudo/"), []).append(float(v))
@@ -165,6 +185,8 @@ def _tabulate(out: Path, methods: list[str], labeled: list[float], seeds: list[i
                                    "parameters": params, "flops": flops, "train_seconds": statistics.mean(secs)}
             for key in ("dice", "iou", "hd95"):
                 row[key], row[f"{key}_std"] = _mean_std([float(m[key]) for m in metrics])
+            for key in ("best_val", "final_val", "drop"):  # stability: the val Dice lost from the best epoch
+                row[key], row[f"{key}_std"] = _mean_std([s[key] for s in stab])
             row["pseudo_label_dice"] = {k: statistics.mean(v) for k, v in pseudo.items()}
             rows.append(row)
     if ref is not None:
@@ -184,13 +206,14 @@ def _tabulate(out: Path, methods: list[str], labeled: list[float], seeds: list[i
 def _markdown(table: dict[str, Any]) -> str:
     ref = table["reference"]
     head = ["method", "labels", "test Dice", "test mIoU", "HD95 (px)", "pseudo-label Dice teacher / text / merged",
-            "parameters", "GFLOPs / image", "steps", "train s"] + ([f"Wilcoxon p vs {ref}"] if ref else [])
+            "val Dice best / last", "parameters", "GFLOPs / image", "steps", "train s"] + ([f"Wilcoxon p vs {ref}"] if ref else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table["rows"]:
         pl = r["pseudo_label_dice"]
         pseudo = " / ".join(f"{pl[k]:.3f}" if k in pl else "–" for k in ("teacher_dice", "text_dice", "merged_dice"))
         cells = [r["method"], f"{r['labeled']:.0%}", f"{r['dice']:.3f} ± {r['dice_std']:.3f}",
                  f"{r['iou']:.3f} ± {r['iou_std']:.3f}", f"{r['hd95']:.2f} ± {r['hd95_std']:.2f}", pseudo,
+                 f"{r['best_val']:.3f} / {r['final_val']:.3f}",
                  f"{r['parameters']:,}", f"{r['flops'] / 1e9:.3g}", str(r["steps"]), f"{r['train_seconds']:.0f}"]
         if ref:
             p = r.get(f"wilcoxon_p_vs_{ref}")
@@ -201,4 +224,4 @@ def _markdown(table: dict[str, Any]) -> str:
             "split (per-image Dice / IoU at 0.5, images with an empty ground truth skipped).\n")
 
 
-__all__ = ["Cell", "forward_flops", "run_compare"]
+__all__ = ["Cell", "forward_flops", "run_compare", "write_table"]
