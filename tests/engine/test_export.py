@@ -88,6 +88,21 @@ def test_onnx_graph_is_valid_with_dynamic_batch_only(setup: dict) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_without_onnxscript_the_legacy_exporter_writes_the_same_network(
+        setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    import dusss.engine.export as export
+
+    monkeypatch.setattr(export, "_has_onnxscript", lambda: False)
+    out = export_model(setup["run"], "onnx", tmp_path / "legacy.onnx")
+    assert "dynamo=False" in json.loads(sidecar_for(out).read_text())["exporter"]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = _images(batch, seed=10 + batch)
+        got = sess.run(None, {"image": x.numpy()})[0]
+        np.testing.assert_allclose(got, _reference(setup["model"], x), atol=ATOL, rtol=1e-4)
+
+
 def test_torchscript_matches_pytorch_for_several_batch_sizes(setup: dict) -> None:
     loaded = torch.jit.load(str(setup["ts"]), map_location="cpu")
     for batch, seed in ((1, 4), (4, 5)):
@@ -102,7 +117,7 @@ def test_sidecar_describes_preprocessing(setup: dict) -> None:
     assert side.name == "unet.onnx.json"
     info = json.loads(side.read_text())
     assert info["model_format"] == "onnx" and info["file"] == "unet.onnx" and info["opset"] == 17
-    assert "dynamo=False" in info["exporter"]
+    assert "dynamo=True" in info["exporter"]  # torch's current exporter (onnxscript is in the export extra)
     assert info["image_size"] == SIZE and info["threshold"] == 0.4 and info["method"] == "supervised"
     assert info["source_checkpoint"] == str((setup["run"] / "model.safetensors").resolve())
     assert info["dusss_version"] == __version__

@@ -7,9 +7,10 @@ no mean/std normalisation: the U-Net takes [0, 1] directly); the output is logit
 sigmoid(logits), mask = probability >= threshold. Only the batch axis is dynamic; height and width are
 fixed at S (the U-Net's pad-to-a-multiple-of-16 branch is resolved at trace time).
 
-ONNX goes through the TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): the
-torch.export-based default of torch >= 2.9 needs the `onnxscript` package, which is not a dependency,
-while the TorchScript path works offline with torch alone. TorchScript files come from `torch.jit.trace`
+ONNX goes through torch's current exporter (`torch.onnx.export(..., dynamo=True)`: torch.export, then
+onnxscript; `pip install "dusss[export]"` brings `onnxscript`), with the batch axis a `torch.export.Dim`.
+Without `onnxscript` installed it falls back to the deprecated TorchScript-based exporter (`dynamo=False`,
+torch alone); the JSON's `exporter` field says which one wrote the file. TorchScript files come from `torch.jit.trace`
 and `torch.jit.save`: a TorchScript archive, read back by `torch.jit.load`'s own deserializer, not by
 Python's pickle of arbitrary objects; the weights are read through safetensors as everywhere in dusss.
 
@@ -39,7 +40,8 @@ FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "dusss-export-v1"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-ONNX_EXPORTER = "torch.onnx.export (TorchScript-based exporter, dynamo=False)"
+ONNX_EXPORTER = "torch.onnx.export (torch.export-based exporter, dynamo=True)"
+ONNX_LEGACY_EXPORTER = "torch.onnx.export (TorchScript-based exporter, dynamo=False; onnxscript not installed)"
 TORCHSCRIPT_EXPORTER = "torch.jit.trace + torch.jit.save"
 
 
@@ -91,8 +93,35 @@ def _threshold(meta: dict[str, Any], path: Path) -> float:
     return float(thr)
 
 
-def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> bytes:
-    """Serialise `model` to ONNX in memory, with a dynamic batch axis on input and output."""
+def _has_onnxscript() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxscript") is not None
+
+
+def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> tuple[bytes, str]:
+    """Serialise `model` to ONNX in memory, with a dynamic batch axis on input and output; returns the bytes and
+    the exporter that wrote them (the torch.export-based one, or the legacy one without onnxscript)."""
+    if _has_onnxscript():
+        import logging
+
+        # torch.export specialises a size-1 axis to a constant, so the traced example has two images
+        example = example.expand(2, *example.shape[1:]).contiguous()
+        batch = torch.export.Dim("batch", min=1)
+        quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
+        levels = [lg.level for lg in quiet]
+        try:
+            for lg in quiet:  # the exporter logs its progress and the opset conversion; not the user's concern
+                lg.setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                            output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+                                            opset_version=opset, optimize=True, verbose=False)
+        finally:
+            for lg, level in zip(quiet, levels, strict=True):
+                lg.setLevel(level)
+        return program.model_proto.SerializeToString(), ONNX_EXPORTER
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # The legacy exporter announces its own deprecation, and tracing warns about the U-Net's
@@ -110,7 +139,7 @@ def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> by
             do_constant_folding=True,
             dynamo=False,
         )
-    return buf.getvalue()
+    return buf.getvalue(), ONNX_LEGACY_EXPORTER
 
 
 def _torchscript_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
@@ -125,14 +154,15 @@ def _torchscript_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
 
 
 def describe_export(meta: dict[str, Any], source: Path, fmt: str, out_file: Path, opset: int | None,
-                    image_size: int, threshold: float, in_channels: int, n_classes: int) -> dict[str, Any]:
+                    image_size: int, threshold: float, in_channels: int, n_classes: int,
+                    exporter: str | None = None) -> dict[str, Any]:
     """The JSON written beside an export: how to preprocess an image and read the network's output."""
     colour = "RGB" if in_channels == 3 else f"{in_channels} channels"
     return {
         "format": EXPORT_FORMAT,
         "model_format": fmt,
         "file": out_file.name,
-        "exporter": ONNX_EXPORTER if fmt == "onnx" else TORCHSCRIPT_EXPORTER,
+        "exporter": exporter or (ONNX_EXPORTER if fmt == "onnx" else TORCHSCRIPT_EXPORTER),
         "opset": opset,
         "image_size": image_size,
         "threshold": threshold,
@@ -191,9 +221,10 @@ def export_model(model_path: str | Path, fmt: str, out_file: str | Path, opset: 
     example = torch.rand(1, cfg.in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
     model.eval()
     with torch.no_grad():
-        data = _onnx_bytes(model, example, opset) if fmt_n == "onnx" else _torchscript_bytes(model, example)
+        data, exporter = (_onnx_bytes(model, example, opset) if fmt_n == "onnx"
+                          else (_torchscript_bytes(model, example), TORCHSCRIPT_EXPORTER))
     description = describe_export(meta, source, fmt_n, out_file, opset if fmt_n == "onnx" else None,
-                                  image_size, threshold, cfg.in_channels, cfg.n_classes)
+                                  image_size, threshold, cfg.in_channels, cfg.n_classes, exporter)
     atomic_write_bytes(out_file, data)  # creates the folder
     atomic_write_text(sidecar_for(out_file), json.dumps(description, indent=2) + "\n")
     return out_file
