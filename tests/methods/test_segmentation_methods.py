@@ -1050,3 +1050,54 @@ def test_seg_method_preset_reads_the_table_then_the_class() -> None:
     assert seg_method_preset("unimatch") is not METHOD_PRESETS["unimatch"]  # a copy
     assert seg_method_preset("cct") == dict(SEG_METHODS["cct"].preset) != {}
     assert seg_method_preset("supervised") == {} and seg_method_preset("no-such-method") == {}
+
+
+def test_unpack_without_a_mask_marks_every_image_of_the_batch_unlabeled() -> None:
+    method, _, _ = _build("mt")
+    _, y, has, _ = method._unpack({"image": torch.zeros(2, 3, S, S)})  # 2 images of 3 channels: one flag each
+    assert y is None and has.tolist() == [False, False]
+
+
+def test_dusss_logs_its_gain_and_text_scale_and_the_warmup_its_text_loss() -> None:
+    method, _, _ = _build("dusss", tg_weight=0.0)
+    logs = method.warmup(iter([_batch(4, 0, True)] * 2), 2, lr=1e-3, weight_decay=0.0)
+    assert set(logs) == {"text_sup", "text_reliability"} and 0.0 < logs["text_sup"] < 10.0
+    method.train()
+    _, logs = method.loss(_batch(2, 1, True), _batch(2, 2, False), step=1, total_steps=4)
+    assert logs["text_gain"] == pytest.approx(float(method.text_gain))
+    assert logs["kappa"] == pytest.approx(float(method.text_mask.kappa.detach()))
+    assert logs["beta"] == pytest.approx(float(method.text_mask.beta.detach()))
+
+
+@pytest.mark.parametrize("name", ["supervised", "mt", "dusss"])
+def test_to_moves_what_the_method_has_and_skips_what_it_has_not(name: str) -> None:
+    method, student, _ = _build(name)
+    assert method.to("cpu") is method
+    assert all(p.device.type == "cpu" for p in student.parameters())
+
+
+def test_text_reliability_counts_an_empty_text_mask_on_an_empty_truth_as_right() -> None:
+    """The gate's running text Dice: an image without lesion whose text mask is empty scores 1 (empty_policy
+    "one"), one with a lesion and an empty text mask 0, so the batch's Dice is 0.5."""
+    method, _, _ = _build("dusss")
+    y = torch.zeros(2, 1, S, S)
+    y[1, 0, 4:12, 4:12] = 1.0
+    before, m = float(method.text_reliability), method.cfg.text_gate_momentum
+    method._text_supervised(torch.full((2, 1, S, S), -30.0), y, torch.tensor([True, True]))
+    assert float(method.text_reliability) == pytest.approx(m * before + (1 - m) * 0.5)
+
+
+@pytest.mark.parametrize("name", ["mt", "dusss"])
+def test_a_step_without_an_unlabeled_batch_draws_no_strong_view(name: str) -> None:
+    method, _, _ = _build(name, tg_weight=0.0, text_supervised_weight=0.0, perturb=PerturbConfig(strong=True))
+    method.train()
+    loss, logs = method.loss(_batch(2, 1, True), None, step=3, total_steps=10)
+    assert float(loss.detach()) == pytest.approx(logs["sup"], rel=1e-6)
+
+
+def test_warmup_with_the_dice_gate_holds_nothing_out_and_fits_every_labeled_image() -> None:
+    method, _, _ = _build("dusss", text_gate="dice", tg_weight=0.0, text_mask_lr=1e-2)
+    batch = _batch(4, 0, True)
+    assert method._gate_holdout(batch, 4).tolist() == [False] * 4
+    logs = method.warmup(iter([batch] * 3), 3, lr=1e-3, weight_decay=0.0)
+    assert 0.0 < logs["text_sup"] < 10.0 and float(method.text_reliability) > 0.0
