@@ -6,6 +6,7 @@
     python benchmarks/monuseg.py --methods supervised,mt,unimatch,dusss --seeds 0
     python benchmarks/monuseg.py --seeds 1 --no-table & python benchmarks/monuseg.py --seeds 2 --no-table
     python benchmarks/monuseg.py --report-only          # tabulate the finished cells, train nothing
+    python benchmarks/monuseg.py --labeled 0.5          # the semi-supervised grid at 50 % labels only
     python benchmarks/monuseg.py --ablation             # Table 2 switches (SSS / DCL / L_tg) at 50 % labels
     python benchmarks/monuseg.py --device cuda          # same script on a GPU (recorded in the results)
 
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     ap.add_argument("--methods", default="", help="comma list (default: every registered method)")
     ap.add_argument("--seeds", default="", help="comma list (default 0,1,2; --quick 0)")
+    ap.add_argument("--labeled", default="", help="comma list of the semi-supervised grid's label fractions "
+                                                   "(default 0.5,0.25)")
     ap.add_argument("--ablation", action="store_true", help="also run the Table 2 switches at 50 %% labels")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs per run (no early stop by default)")
     ap.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (val Dice)")
@@ -219,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     train, vlm = train_overrides(size, args.device, args.threads), pretrain_overrides(size, args.device, args.threads)
     # the grids: supervised on all 24 labeled images; every method at 50 % and 25 %
     grids = [("full", ["supervised"], [1.0], {}, {})] if "supervised" in methods else []
-    grids.append(("semi", methods, list(SEMI_FRACTIONS), {}, {}))
+    semi_fractions = [float(x) for x in args.labeled.split(",") if x] or list(SEMI_FRACTIONS)
+    grids.append(("semi", methods, semi_fractions, {}, {}))
     if args.ablation:
         for _, sss, dcl, tg in ABLATION:  # the full variant re-trains `semi`'s dusss 50 % cells in its own grid
             slug = f"ablation_sss{int(sss)}_dcl{int(dcl)}_tg{tg:g}"
