@@ -107,3 +107,23 @@ def test_grad_scaler_state_survives_the_resume_file(tmp_path: Path) -> None:
     disabled = make_grad_scaler("fp32", "cpu")
     restore_grad_scaler(disabled, meta)
     assert not disabled.is_enabled() and disabled.state_dict() == {}
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dusss.engine.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "_warned_emulated_bf16", False)
+    with pytest.warns(RuntimeWarning, match="bf16 on a CPU without native bf16 .*use --precision fp32"):
+        autocast_context("cpu", "bf16")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        autocast_context("cpu", "bf16")  # once per process
+        autocast_context("cpu", "fp32")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "_warned_emulated_bf16", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        autocast_context("cpu", "bf16")  # native bf16: nothing to say

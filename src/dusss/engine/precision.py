@@ -1,13 +1,18 @@
 """Devices, mixed precision, memory format, torch.compile and CPU threads.
 
 `--precision fp32|bf16|fp16`: bf16 autocast works on CPU and on CUDA GPUs with bf16 support; fp16
-needs CUDA (and a GradScaler, see `make_grad_scaler`). Errors are one-line ConfigErrors.
+needs CUDA (and a GradScaler, see `make_grad_scaler`). Errors are one-line ConfigErrors. On a CPU without
+native bf16 (no AVX512-BF16 / AMX, e.g. an AVX2-only AMD EPYC) bf16 autocast runs, but emulated: a paper-size
+U-Net step was ~12x slower than fp32 there (benchmarks/throughput.py), so the first bf16 autocast on such a
+CPU warns once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +25,27 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _device_type(device: str | torch.device) -> str:
     return torch.device(device).type
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); False when it cannot say."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_warned_emulated_bf16 = False
+
+
+def _warn_if_emulated_bf16() -> None:
+    global _warned_emulated_bf16
+    if not _warned_emulated_bf16 and not cpu_has_native_bf16():
+        _warned_emulated_bf16 = True
+        warnings.warn(f"precision bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) "
+                      "is emulated and much slower than fp32 here; use --precision fp32", RuntimeWarning,
+                      stacklevel=3)
 
 
 def autocast_context(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -38,6 +64,8 @@ def autocast_context(device: str | torch.device, precision: str) -> contextlib.A
         raise ConfigError("precision bf16 is not supported by this GPU; use fp16 or fp32")
     if kind not in ("cpu", "cuda"):
         raise ConfigError(f"precision {precision} is not supported on device type {kind!r}; use fp32")
+    if kind == "cpu":
+        _warn_if_emulated_bf16()
     return torch.autocast(device_type=kind, dtype=_DTYPES[precision])
 
 
