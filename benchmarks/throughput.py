@@ -1,26 +1,32 @@
-"""Throughput benchmark: images/s, peak memory and the fraction of the machine's matmul peak reached by
+"""Throughput benchmark: images/s, peak memory, and where a training step's time goes, for
 
   (i)   VLM pre-training steps (DuSSS objective, the default VLM: ViT-192x4 + MiniLM-L6, 128 px, batch 16);
-  (ii)  U-Net training steps of the dusss method: student + EMA teacher + text masks from the frozen default
-        VLM, AdamW, at the paper's size (224 px, U-Net base width 64, 14.75 M parameters) and the demo's
-        (96 px, width 16, batch 8 + 8), fp32 and bf16 autocast + channels_last;
+  (ii)  U-Net training steps at the paper's size (224 px, U-Net base width 64, 14.75 M parameters) and the
+        demo's (96 px, width 16, batch 8 + 8), fp32 and bf16 autocast + channels_last, three ways: the
+        `dusss` method (student + EMA teacher + text masks from the frozen default VLM), the `mt` method
+        (student + EMA teacher), and a bare step of the same U-Net on the same images (one forward, BCE,
+        backward, AdamW: no method);
   (iii) inference of the student alone (no text), same sizes and precisions.
 
-    python benchmarks/throughput.py                    # CPU (<= 5 minutes on 2 cores)
+    python benchmarks/throughput.py                    # CPU (<= 10 minutes on 2 cores)
     python benchmarks/throughput.py --device cuda      # same cases on a GPU (bigger batches, more steps)
-    python benchmarks/throughput.py --quick            # smoke run (tiny step counts)
+    python benchmarks/throughput.py --quick            # smoke run (tiny steps and networks)
 
 Method. Each case runs one untimed step (it counts the FLOPs the first time a model/batch is seen), then
 `warmup` more untimed steps and `steps` timed ones; it reports the fastest timed step (on a shared machine
-the least disturbed one; the median and all step times are in the JSON). The model
-FLOPs of one step (forward + backward for training; matmuls, convolutions and attention, counted by
-`torch.utils.flop_counter.FlopCounterMode` on one untimed step) divided by the step time give FLOP/s; the
-fraction is that over the measured peak of a large `torch.matmul` in the step's compute dtype (fp32 cases
-against the fp32 peak, bf16 cases against the bf16 peak). The peak is measured before and after the cases
-and the higher value is used. Peak memory: on CPU the process's peak resident set (VmHWM, reset per case
-through /proc/self/clear_refs after glibc's malloc_trim; the cases share one process, so it includes what is
-resident anyway: the "mem at start" column); on CUDA `torch.cuda.max_memory_allocated`. tcmalloc (Debian's google-perftools) is
-used for a second pass of the U-Net training cases when its library is installed; otherwise the JSON says so.
+the least disturbed one; the median and all step times are in the JSON). Ratios, per case: `× bare step` =
+the method's step over the bare step of the same U-Net, batch, precision and allocator (what the method adds
+to the network's own forward + backward + optimizer step); `dusss × mt` = the dusss step over the mt step
+(what the text branch adds; issue 14's target is <= 1.3); `speed-up vs fp32` = the fp32 step of the case over
+its bf16 (+ channels_last) step. Model FLOPs (matmuls, convolutions, attention; torch's FlopCounterMode) are
+reported per image. There is no "fraction of peak" any more: dividing counted FLOPs by a matmul's FLOP/s gave
+140 % for the paper U-Net step (convolution algorithms such as Winograd do fewer multiplies than counted), so
+it said nothing about headroom. The share of a whole run's wall time spent in the optimizer steps is
+`benchmarks/loop_overhead.py`'s figure. Peak memory: on CPU the process's peak resident set (VmHWM, reset per
+case through /proc/self/clear_refs after glibc's malloc_trim; the cases share one process, so it includes what
+is resident anyway: the "mem at start" column); on CUDA `torch.cuda.max_memory_allocated`. tcmalloc (Debian's
+google-perftools) is used for a second pass of the U-Net training cases when its library is installed;
+otherwise the JSON says so.
 
 Writes benchmarks/results/throughput.json (or --out) and prints a markdown table.
 """
@@ -67,14 +73,15 @@ class Sizes:
     infer_demo_batch: int = 16
     warmup: int = 0  # extra untimed steps; the FLOP-counting (or first) step of each case always warms up
     steps: int = 2
-    matmul_n: int = 2048
+    paper: tuple[int, int] = (224, 64)  # (px, U-Net base width) of the paper-size cases
+    demo: tuple[int, int] = (96, 16)  # ... and of the demo-size ones
 
 
 CPU_SIZES = Sizes()
 CUDA_SIZES = Sizes(vlm_batch=16, paper_batch=8, demo_batch=8, infer_paper_batch=32, infer_demo_batch=64,
-                   warmup=3, steps=10, matmul_n=8192)
+                   warmup=3, steps=10)
 QUICK_SIZES = Sizes(vlm_batch=4, paper_batch=1, demo_batch=2, infer_paper_batch=1, infer_demo_batch=2,
-                    warmup=0, steps=1, matmul_n=512)
+                    warmup=0, steps=1, paper=(64, 8), demo=(48, 8))  # a smoke run: small networks
 
 
 @dataclass
@@ -92,7 +99,6 @@ class Result:
     images_per_s: float = 0.0
     flops_per_step: float = 0.0
     tflops: float = 0.0
-    fraction_of_peak: float = 0.0
     peak_mem_mb: float = 0.0
     base_mem_mb: float = 0.0
     step_times: list[float] = field(default_factory=list)
@@ -161,22 +167,6 @@ def count_flops(step: Callable[[int], Any]) -> float:
     with FlopCounterMode(display=False) as counter:
         step(0)
     return float(counter.get_total_flops())
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n x n torch.matmul in `dtype`."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
 
 
 def autocast(device: torch.device, precision: str) -> Any:
@@ -248,15 +238,48 @@ def _frozen_vlm(size: int, device: torch.device) -> Any:
     return _VLM_CACHE[key]
 
 
-def unet_train_case(device: torch.device, precision: str, channels_last: bool, size: int, width: int, b: int
-                    ) -> tuple[Callable[[int], Any], Result]:
+TRAIN_CASES = {"dusss": "U-Net training step (dusss: student + EMA teacher + text mask)",
+               "mt": "U-Net training step (mt: student + EMA teacher)",
+               "bare": "U-Net bare step (forward + backward + AdamW of the student alone)"}
+
+
+def unet_bare_case(device: torch.device, precision: str, channels_last: bool, size: int, width: int, b: int
+                   ) -> tuple[Callable[[int], Any], Result]:
+    """The floor a method's step is measured against: the same U-Net on the same 2b images (the labeled and
+    unlabeled batch the student sees), one forward, BCE on a mask, backward and an AdamW step; no method."""
+    import torch.nn.functional as F
+
+    from dusss.engine.precision import maybe_channels_last
+    from dusss.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = maybe_channels_last(UNet(UNetConfig(base_width=width)).to(device), channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    lab, unl = _seg_batches(b, size, device, channels_last)
+    x, y = torch.cat([lab["image"], unl["image"]]), torch.cat([lab["mask"], lab["mask"]])
+
+    def step(_: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    return step, Result(case=TRAIN_CASES["bare"], kind="train", image_size=size,
+                        model=f"U-Net w{width} ({model.num_parameters() / 1e6:.2f} M)", batch=2 * b,
+                        precision=precision, channels_last=channels_last)
+
+
+def unet_train_case(device: torch.device, precision: str, channels_last: bool, size: int, width: int, b: int,
+                    method_name: str = "dusss") -> tuple[Callable[[int], Any], Result]:
     from dusss.engine.precision import maybe_channels_last
     from dusss.methods.segmentation import SegMethodConfig, build_seg_method
     from dusss.models.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     student = maybe_channels_last(UNet(UNetConfig(base_width=width)).to(device), channels_last)
-    method = build_seg_method("dusss", SegMethodConfig(), student, _frozen_vlm(size, device))
+    method = build_seg_method(method_name, SegMethodConfig(), student,
+                              _frozen_vlm(size, device) if method_name == "dusss" else None)
     method.to(device)
     method.train()
     params = method.parameters()
@@ -271,7 +294,7 @@ def unet_train_case(device: torch.device, precision: str, channels_last: bool, s
         opt.step()
         method.after_step(i)
 
-    return step, Result(case="U-Net training step (dusss: student + EMA teacher + text mask)", kind="train",
+    return step, Result(case=TRAIN_CASES[method_name], kind="train",
                         image_size=size, model=f"U-Net w{width} ({student.num_parameters() / 1e6:.2f} M)",
                         batch=2 * b, precision=precision, channels_last=channels_last)
 
@@ -299,7 +322,7 @@ _FLOPS: dict[tuple[Any, ...], float] = {}
 
 
 def run_case(build: Callable[[], tuple[Callable[[int], Any], Result]], device: torch.device, sz: Sizes,
-             peaks: dict[str, float], allocator: str) -> Result:
+             allocator: str) -> Result:
     if not getattr(build, "needs_vlm", False):
         _VLM_CACHE.clear()  # only the U-Net training cases use the frozen VLM
     base = reset_peak(device)
@@ -317,11 +340,10 @@ def run_case(build: Callable[[], tuple[Callable[[int], Any], Result]], device: t
     res.median_step_s = statistics.median(times)
     res.images_per_s = res.batch / res.step_s
     res.tflops = res.flops_per_step / res.step_s / 1e12
-    res.fraction_of_peak = res.tflops * 1e12 / peaks["bf16" if res.precision == "bf16" else "fp32"]
     res.peak_mem_mb = peak_mb(device)
     res.base_mem_mb = base
     print(f"  {res.case} {res.image_size}px {res.model} {res.precision}{' +CL' if res.channels_last else ''}: "
-          f"{res.images_per_s:.2f} img/s, {res.tflops * 1e3:.1f} GFLOP/s ({100 * res.fraction_of_peak:.0f} %), "
+          f"{res.images_per_s:.2f} img/s, {res.tflops * 1e3:.1f} GFLOP/s, "
           f"peak {res.peak_mem_mb:.0f} MB", flush=True)
     del step
     gc.collect()
@@ -336,8 +358,13 @@ def build_cases(device: torch.device, sz: Sizes, only_train: bool = False
     if not only_train:
         for prec, _ in precisions:
             cases.append(lambda prec=prec: vlm_pretrain_case(device, prec, sz))
-    for size, width, b in ((224, 64, sz.paper_batch), (96, 16, sz.demo_batch)):
+    for (size, width), b in ((sz.paper, sz.paper_batch), (sz.demo, sz.demo_batch)):
         for prec, cl in precisions:
+            cases.append(lambda prec=prec, cl=cl, size=size, width=width, b=b:
+                         unet_bare_case(device, prec, cl, size, width, b))
+            cases.append(lambda prec=prec, cl=cl, size=size, width=width, b=b:
+                         unet_train_case(device, prec, cl, size, width, b, "mt"))
+
             def train_case(prec: str = prec, cl: bool = cl, size: int = size, width: int = width, b: int = b
                            ) -> tuple[Callable[[int], Any], Result]:
                 return unet_train_case(device, prec, cl, size, width, b)
@@ -345,7 +372,7 @@ def build_cases(device: torch.device, sz: Sizes, only_train: bool = False
             train_case.needs_vlm = True  # type: ignore[attr-defined]
             cases.append(train_case)
     if not only_train:
-        for size, width, b in ((224, 64, sz.infer_paper_batch), (96, 16, sz.infer_demo_batch)):
+        for (size, width), b in ((sz.paper, sz.infer_paper_batch), (sz.demo, sz.infer_demo_batch)):
             for prec, cl in precisions:
                 cases.append(lambda prec=prec, cl=cl, size=size, width=width, b=b:
                              unet_infer_case(device, prec, cl, size, width, b))
@@ -383,21 +410,44 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def ratios(results: list[dict[str, Any]]) -> None:
+    """Add, in place, the figures that say where a step's time goes (instead of a fraction of a matmul peak,
+    which convolution algorithms and uncounted work make meaningless): `x_bare` = step / the bare step of the
+    same U-Net, batch, precision and allocator; `x_mt` = a dusss step / the mt step; `low_vs_fp32` = the fp32
+    step of the same case / this one (the bf16 + channels_last speed-up, > 1 = faster)."""
+    def key(r: dict[str, Any], case: str, precision: str | None = None) -> tuple[Any, ...]:
+        return (case, r["image_size"], r["model"], r["batch"], precision or r["precision"], r["allocator"])
+
+    index = {key(r, r["case"]): r for r in results}
+    for r in results:
+        if r["kind"] == "train" and r["case"] != TRAIN_CASES["bare"]:
+            bare = index.get(key(r, TRAIN_CASES["bare"]))
+            r["x_bare"] = r["step_s"] / bare["step_s"] if bare else None
+        if r["case"] == TRAIN_CASES["dusss"]:
+            mt = index.get(key(r, TRAIN_CASES["mt"]))
+            r["x_mt"] = r["step_s"] / mt["step_s"] if mt else None
+        if r["precision"] != "fp32":
+            fp32 = index.get(key(r, r["case"], "fp32"))
+            r["low_vs_fp32"] = fp32["step_s"] / r["step_s"] if fp32 else None
+
+
 def markdown(report: dict[str, Any]) -> str:
-    peaks = report["matmul_peak_tflops"]
     machine = report["machine"]
     head = (f"Machine: {machine.get('gpu') or machine.get('cpu', '?')}, {machine['threads']} threads, "
-            f"torch {machine['torch']}; matmul peak fp32 {peaks['fp32'] * 1e3:.0f} GFLOP/s, "
-            f"bf16 {peaks['bf16'] * 1e3:.0f} GFLOP/s (n = {report['sizes']['matmul_n']}).")
+            f"torch {machine['torch']}.")
     columns = ("case", "px", "model", "images/step", "precision", "alloc", "step (s)", "images/s", "GFLOP/image",
-               "GFLOP/s", "% of matmul peak", "peak mem (MB)", "mem at start (MB)")
+               "× bare step", "dusss × mt", "speed-up vs fp32", "peak mem (MB)", "mem at start (MB)")
     lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+    def x(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
     for r in report["results"]:
         prec = r["precision"] + (" + channels_last" if r["channels_last"] else "")
         lines.append(f"| {r['case']} | {r['image_size']} | {r['model']} | {r['batch']} | {prec} | {r['allocator']} | "
                      f"{r['step_s']:.3f} | {r['images_per_s']:.2f} | {r['flops_per_step'] / r['batch'] / 1e9:.2f} | "
-                     f"{r['tflops'] * 1e3:.1f} | {100 * r['fraction_of_peak']:.0f} % | {r['peak_mem_mb']:.0f} | "
-                     f"{r['base_mem_mb']:.0f} |")
+                     f"{x(r.get('x_bare'))} | {x(r.get('x_mt'))} | {x(r.get('low_vs_fp32'))} | "
+                     f"{r['peak_mem_mb']:.0f} | {r['base_mem_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -423,22 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     set_threads(args.threads)
     sz = QUICK_SIZES if args.quick else (CUDA_SIZES if device.type == "cuda" else CPU_SIZES)
-    low = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
-    print(f"device {device}, {torch.get_num_threads()} threads; matmul peaks ...", flush=True)
-    peaks0 = {"fp32": matmul_peak(device, torch.float32, sz.matmul_n), "bf16": matmul_peak(device, low, sz.matmul_n)}
-    results = [run_case(build, device, sz, peaks0, args.allocator)
+    print(f"device {device}, {torch.get_num_threads()} threads", flush=True)
+    results = [run_case(build, device, sz, args.allocator)
                for build in build_cases(device, sz, only_train=args.only_train)]
-    peaks1 = {"fp32": matmul_peak(device, torch.float32, sz.matmul_n), "bf16": matmul_peak(device, low, sz.matmul_n)}
-    peaks = {k: max(peaks0[k], peaks1[k]) for k in peaks0}
-    for r in results:  # fractions against the better of the two peak measurements
-        r.fraction_of_peak = r.tflops * 1e12 / peaks["bf16" if r.precision in ("bf16", "fp16") else "fp32"]
 
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(device), "sizes": asdict(sz),
-        "matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
-        "matmul_peak_runs_tflops": {"before": {k: v / 1e12 for k, v in peaks0.items()},
-                                    "after": {k: v / 1e12 for k, v in peaks1.items()}},
         "results": [asdict(r) for r in results],
     }
     if args.only_train:  # child pass: hand the results to the parent
@@ -463,11 +504,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "stderr": proc.stderr[-2000:]}
         else:
             child = json.loads(line[5:])
-            for r in child["results"]:
-                r["fraction_of_peak"] = r["tflops"] / report["matmul_peak_tflops"][
-                    "bf16" if r["precision"] in ("bf16", "fp16") else "fp32"]
             report["results"].extend(child["results"])
             report["tcmalloc"] = {"status": "used for a second pass of the U-Net training cases", "library": lib}
+    ratios(report["results"])
     report["seconds"] = round(time.time() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
