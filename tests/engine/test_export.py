@@ -91,7 +91,7 @@ def test_onnx_graph_is_valid_with_dynamic_batch_only(setup: dict) -> None:
 def test_without_onnxscript_the_legacy_exporter_writes_the_same_network(
         setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ort = pytest.importorskip("onnxruntime")
-    import dusss.engine.export as export
+    from dusss.engine import export
 
     monkeypatch.setattr(export, "_has_onnxscript", lambda: False)
     out = export_model(setup["run"], "onnx", tmp_path / "legacy.onnx")

@@ -110,7 +110,7 @@ def test_grad_scaler_state_survives_the_resume_file(tmp_path: Path) -> None:
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dusss.engine.precision as precision
+    from dusss.engine import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(precision, "_warned_emulated_bf16", False)

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+from .loader import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_throughput", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("throughput")
 
 
 def test_ratios_compare_each_step_with_the_bare_step_the_mt_step_and_fp32() -> None:

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "monuseg.py"
-REAL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "monuseg_lvit"
+from .loader import load_benchmark
+
+REAL = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "monuseg_lvit"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_monuseg", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("monuseg")
 
 
 def _row(method: str, labeled: float, dice: float, **extra) -> dict:

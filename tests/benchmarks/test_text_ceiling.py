@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "text_ceiling.py"
+from .loader import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_text_ceiling", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("text_ceiling")
 
 
 def _scores(pseudo: float, components: float) -> dict[str, float]:
