@@ -224,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     grids = [("full", ["supervised"], [1.0], {}, {})] if "supervised" in methods else []
     semi_fractions = [float(x) for x in args.labeled.split(",") if x] or list(SEMI_FRACTIONS)
     grids.append(("semi", methods, semi_fractions, {}, {}))
+    ablation_names = {f"ablation_sss{int(s)}_dcl{int(d)}_tg{t:g}": n for n, s, d, t in ABLATION}
     if args.ablation:
-        for _, sss, dcl, tg in ABLATION:  # the full variant re-trains `semi`'s dusss 50 % cells in its own grid
-            slug = f"ablation_sss{int(sss)}_dcl{int(dcl)}_tg{tg:g}"
+        for slug, (_, sss, dcl, tg) in zip(ablation_names, ABLATION, strict=True):
+            # the full variant re-trains `semi`'s dusss 50 % cells in its own grid
             grids.append((slug, ["dusss"], [0.5], {"semi.tg_weight": tg}, {"objective.sss": sss, "objective.dcl": dcl}))
 
     t_all = time.time()
@@ -244,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_table:
         log(f"trained in {time.time() - t_all:.0f} s; tabulate with --report-only")
         return 0
-    ablation_names = {f"ablation_sss{int(s)}_dcl{int(d)}_tg{t:g}": n for n, s, d, t in ABLATION}
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out_json = {
         "benchmark": "MoNuSeg (LViT release: 24 train / 6 val / 14 test, per-image texts), DuSSS paper Table 1",

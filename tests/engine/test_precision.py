@@ -113,7 +113,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch: pytest.Monkey
     from dusss.engine import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(precision, "_warned_emulated_bf16", False)
+    precision._warn_if_emulated_bf16.cache_clear()
     with pytest.warns(RuntimeWarning, match="bf16 on a CPU without native bf16 .*use --precision fp32"):
         autocast_context("cpu", "bf16")
     import warnings
@@ -123,7 +123,8 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch: pytest.Monkey
         autocast_context("cpu", "bf16")  # once per process
         autocast_context("cpu", "fp32")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(precision, "_warned_emulated_bf16", False)
+    precision._warn_if_emulated_bf16.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         autocast_context("cpu", "bf16")  # native bf16: nothing to say
+    precision._warn_if_emulated_bf16.cache_clear()  # leave no state for the other tests

@@ -36,13 +36,10 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-_warned_emulated_bf16 = False
-
-
+@functools.cache
 def _warn_if_emulated_bf16() -> None:
-    global _warned_emulated_bf16
-    if not _warned_emulated_bf16 and not cpu_has_native_bf16():
-        _warned_emulated_bf16 = True
+    """Warn, once per process (the cache), when bf16 autocast on this CPU is emulated."""
+    if not cpu_has_native_bf16():
         warnings.warn(f"precision bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) "
                       "is emulated and much slower than fp32 here; use --precision fp32", RuntimeWarning,
                       stacklevel=3)
