@@ -14,10 +14,11 @@ Steps:
 1. `import_lvit` on ../shared/datasets/monuseg_lvit, then every image/mask is resized ONCE to 128x128 (CPU
    budget; the paper: 224, `--image-size 224`; bilinear for both, mask then >= 0.5) into benchmarks/.cache/,
    with a manifest in the dusss contract. LViT's split is kept: 24 train / 6 val / 14 test.
-2. Two grids of the harness, under benchmarks/.runs/monuseg/<size>/: `full` (supervised, 100 % labels) and
-   `semi` (every method at 50 % and 25 % of the 24 training images, `make_split` per fraction and seed). The
+2. Two grids of the harness, under benchmarks/.runs/monuseg/<size>/: `full` (100 % labels: supervised and the
+   text-equipped baselines `clip` and `lvit`, which need the report at inference) and `semi` (every other
+   method at 50 % and 25 % of the 24 training images, `make_split` per fraction and seed). The
    harness pre-trains one VLM per seed and pre-training objective where a method needs one (DuSSS's for
-   `dusss`, AMVLM's for `amvlm`; the training images and their texts, no masks), trains each cell from its
+   `dusss`, AMVLM's for `amvlm`, CLIP's for `clip`; the training images and their texts, no masks), trains each cell from its
    method's preset with the same optimizer steps (no early stopping), selects on val (6 images) and tests each
    best-val model once (14 images). Resumable: finished cells are not re-run, an interrupted one resumes.
 3. benchmarks/results/monuseg_compare.json (both grids' tables, the size, the protocol, the paper's numbers)
@@ -57,6 +58,8 @@ NAMES = {"supervised": "U-Net (supervised)", "mt": "MT", "unimatch": "UniMatch",
          "cps": "CPS", "bcp": "BCP", "mcnet": "MC-Net", "ssnet": "SS-Net", "ucmt": "UCMT", "dusss": "DuSSS",
          "amvlm": "AMVLM", "clip": "CLIP", "vilt": "ViLT", "lvit": "LViT"}
 SEMI_FRACTIONS = (0.5, 0.25)
+TEXT_SUPERVISED = ("clip", "lvit")  # fully supervised, text at inference: the `full` grid only
+FULL_METHODS = ("supervised", *TEXT_SUPERVISED)
 # Table 2 switches at 50 % labels: (name, sss, dcl, tg_weight).
 ABLATION: tuple[tuple[str, bool, bool, float], ...] = (
     ("full (SSS+DCL+L_tg)", True, True, 1.0),
@@ -198,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-table", action="store_true", help="train only (for seeds run in parallel processes; "
                                                              "tabulate with --report-only after)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Step-2 config key for every cell of a variant (needs --variant; repeatable)")
+    ap.add_argument("--variant", default="", help="name of a variant grid: its cells go to GRID_VARIANT/ (with --set)")
     args = ap.parse_args(argv)
+    if bool(args.set) != bool(args.variant):
+        ap.error("--set and --variant go together (a variant's cells must not mix with the main grid's)")
 
     import torch
 
@@ -218,18 +226,29 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(x) for x in args.seeds.split(",") if x] or ([0] if args.quick else [0, 1, 2])
     methods = [m for m in args.methods.split(",") if m] or SEG_METHODS.names()
     root = RUNS / ("quick" if args.quick else "full") / size.tag
-    results = Path(args.results) if args.results else (root / "monuseg_quick.json" if args.quick else RESULTS)
+    results = Path(args.results) if args.results else (
+        root / "monuseg_quick.json" if args.quick
+        else RESULTS.with_name(f"{RESULTS.stem}_{args.variant}.json") if args.variant else RESULTS)
     train, vlm = train_overrides(size, args.device, args.threads), pretrain_overrides(size, args.device, args.threads)
-    # the grids: supervised on all 24 labeled images; every method at 50 % and 25 %
-    grids = [("full", ["supervised"], [1.0], {}, {})] if "supervised" in methods else []
+    # the grids: supervised and the text-equipped baselines on all 24 labeled images (the paper runs CLIP and
+    # LViT fully supervised); every other method at 50 % and 25 %
+    full_methods = [m for m in FULL_METHODS if m in methods]
+    grids = [("full", full_methods, [1.0], {}, {})] if full_methods else []
     semi_fractions = [float(x) for x in args.labeled.split(",") if x] or list(SEMI_FRACTIONS)
-    grids.append(("semi", methods, semi_fractions, {}, {}))
+    semi_methods = [m for m in methods if m not in TEXT_SUPERVISED]
+    if semi_methods:
+        grids.append(("semi", semi_methods, semi_fractions, {}, {}))
     ablation_names = {f"ablation_sss{int(s)}_dcl{int(d)}_tg{t:g}": n for n, s, d, t in ABLATION}
     if args.ablation:
         for slug, (_, sss, dcl, tg) in zip(ablation_names, ABLATION, strict=True):
             # the full variant re-trains `semi`'s dusss 50 % cells in its own grid
             grids.append((slug, ["dusss"], [0.5], {"semi.tg_weight": tg}, {"objective.sss": sss, "objective.dcl": dcl}))
 
+    if args.variant:  # the same grids under their own folders, with the --set keys on every cell
+        from dusss.config import parse_overrides
+
+        sets = parse_overrides(args.set)
+        grids = [(f"{name}_{args.variant}", gm, fr, {**extra, **sets}, ev) for name, gm, fr, extra, ev in grids]
     t_all = time.time()
     manifest = prepare_data(Path(args.src), size.image_size)
     tables: dict[str, dict[str, Any]] = {}
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(out_json, indent=2) + "\n")
-    print(paper_table([tables[n] for n in ("full", "semi") if n in tables]))
+    print(paper_table([t for n, t in tables.items() if n not in ablation_names]))
     for slug, variant in ablation_names.items():
         if slug in tables:
             r = tables[slug]["rows"][0]

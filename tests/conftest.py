@@ -91,7 +91,8 @@ def phantom_split() -> Callable[[Path], tuple[Path, Path]]:
 
 @pytest.fixture(scope="session")
 def tiny_vlm_checkpoint() -> Callable[[Path], Path]:
-    """`write(path)` saves a seeded, randomly initialised 32-px VLM checkpoint (no pretrained files) at `path`."""
+    """`write(path, image_size=32)` saves a seeded, randomly initialised VLM checkpoint (no pretrained files) at
+    `path`, for images of `image_size` px."""
     import torch
 
     from dusss.checkpoint import save_checkpoint
@@ -99,14 +100,14 @@ def tiny_vlm_checkpoint() -> Callable[[Path], Path]:
     from dusss.models.text_encoders import TextEncoderConfig
     from dusss.models.vlm import VisionLanguageModel, VLMConfig
 
-    def write(path: Path) -> Path:
-        cfg = VLMConfig(image=ImageEncoderConfig(image_size=32, hidden_size=16, num_layers=1, num_heads=2),
+    def write(path: Path, image_size: int = 32) -> Path:
+        cfg = VLMConfig(image=ImageEncoderConfig(image_size=image_size, hidden_size=16, num_layers=1, num_heads=2),
                         text=TextEncoderConfig(random_init=True, num_layers=1, hidden_size=16, num_heads=2,
                                                intermediate_size=32),
                         embed_dim=8, head_hidden=16, pdt_heads=2)
         torch.manual_seed(0)
         tensors, meta = VisionLanguageModel(cfg).to_checkpoint()
-        save_checkpoint(path, tensors, "vlm", {**meta, "image_size": 32})
+        save_checkpoint(path, tensors, "vlm", {**meta, "image_size": image_size})
         return path
 
     return write

@@ -77,7 +77,7 @@ def test_checkpoint_round_trip_gives_same_predictions(tmp_path) -> None:
     torch.manual_seed(0)
     model = UNet(UNetConfig(base_width=4)).eval()
     tensors, meta = model.to_checkpoint()
-    assert meta == {"unet": {"base_width": 4, "in_channels": 3, "n_classes": 1}}
+    assert meta == {"network": "unet", "unet": {"base_width": 4, "in_channels": 3, "n_classes": 1}}
     path = tmp_path / "model.safetensors"
     save_checkpoint(path, tensors, "segmentation", meta)
     loaded = UNet.from_checkpoint(path).eval()

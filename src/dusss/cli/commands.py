@@ -57,6 +57,8 @@ def methods() -> None:
         for name in sorted(registry):
             cls = registry[name]
             needs = " [needs --vlm]" if getattr(cls, "needs_vlm", False) else ""
+            if getattr(cls, "network", "unet") != "unet":
+                needs += " [text at inference]"
             typer.echo(f"  {name:<{width}}  {first_line(cls)}{needs}")
 
 
@@ -193,8 +195,12 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output folder for masks and overlays.")],
     device: EvalDevice = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace masks and overlays already in OUT.")] = False,
+    text: Annotated[list[str] | None, typer.Option(
+        help="The report of each image, for the text-conditioned baselines (clip, lvit): once for all images, "
+             "or once per image in their order. A U-Net student (every other method) ignores it.")] = None,
 ) -> None:
-    """Masks and overlays from the student alone (no text needed at inference).
+    """Masks and overlays from the trained network: the student alone for every semi-supervised method (no
+    text needed at inference); the clip and lvit baselines also need each image's report (--text).
 
     Writes OUT/NAME_mask.png (for a NIfTI image OUT/NAME_mask.nii.gz, in the image's world space) and
     OUT/NAME_overlay.png, NAME being the image's file name without its extension (a volume's slice
@@ -203,7 +209,7 @@ def predict(
     """
     from dusss.engine.predict import predict_files
 
-    written = predict_files(model, images, out, device=device, overwrite=overwrite)
+    written = predict_files(model, images, out, device=device, overwrite=overwrite, texts=text)
     typer.echo(f"{len(written)} mask(s) written to {out}")
 
 

@@ -9,7 +9,8 @@ reports, no masks). For each cell (method, fraction, seed): `run_train` from the
 DONE and whose test evaluation exists is not re-run; an interrupted one resumes from its state.
 
 OUT/table.json and OUT/table.md: test Dice / mIoU / HD95 mean ± std over seeds per (method, fraction), the
-U-Net's parameters and forward FLOPs (the paper's Complexity column), training seconds, best and last val Dice and
+parameters and forward FLOPs of the network needed at inference (the paper's Complexity column; frozen
+encoders of the text-conditioned baselines included), training seconds, best and last val Dice and
 the drop between them (stability), the teacher's / text / merged pseudo-label Dice where there is one, and a
 two-sided Wilcoxon signed-rank p-value of the `reference` method (default dusss, where it is in the grid)
 against each other method on paired per-image test Dice (same fraction, all seeds pooled).
@@ -51,17 +52,24 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def forward_flops(model: Any, image_size: int) -> int:
-    """FLOPs of one forward pass of `model` on a [1,3,S,S] image (torch's FlopCounterMode: 2 per multiply-add
-    of the convolutions and matrix products; elementwise work not counted)."""
+# the report a text-conditioned network is given when its FLOPs are counted (the README's example)
+FLOPS_REPORT = "Bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
+
+
+def forward_flops(model: Any, image_size: int, text: str = FLOPS_REPORT) -> int:
+    """FLOPs of one forward pass of `model` on a [1,3,S,S] image, with the report `text` for a text-conditioned
+    network (its text encoder counted; torch's FlopCounterMode: 2 per multiply-add of the convolutions and
+    matrix products; elementwise work not counted)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    from dusss.models.networks import segment
 
     was = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 3, image_size, image_size))
+            segment(model, torch.zeros(1, 3, image_size, image_size), [text])
     finally:
         model.train(was)
     return int(counter.get_total_flops())
@@ -151,8 +159,6 @@ def write_table(out: str | Path, methods: list[str], labeled: list[float], seeds
 
 def _tabulate(out: Path, methods: list[str], labeled: list[float], seeds: list[int],
               reference: str | None) -> dict[str, Any]:
-    from safetensors import safe_open
-
     from dusss.engine.logging import read_metrics, val_stability
     from dusss.engine.train import load_segmentation_model
 
@@ -175,11 +181,9 @@ def _tabulate(out: Path, methods: list[str], labeled: list[float], seeds: list[i
                         pseudo.setdefault(k.removeprefix("pseudo/"), []).append(float(v))
                 for key, d in _per_image_dice(run / "eval" / "test").items():
                     per_image.setdefault((method, frac), {})[f"{seed}:{key}"] = d
-                with safe_open(str(RunFiles(run).model), "pt") as fh:
-                    params = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()  # noqa: SIM118
-                                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-                if flops is None:
+                if flops is None:  # the network needed at inference, frozen encoders included
                     model, meta = load_segmentation_model(run, "cpu")
+                    params = sum(p.numel() for p in model.parameters())
                     flops = forward_flops(model, int(meta["image_size"]))
             row: dict[str, Any] = {"method": method, "labeled": frac, "seeds": len(seeds), "steps": steps,
                                    "parameters": params, "flops": flops, "train_seconds": statistics.mean(secs)}

@@ -1,4 +1,5 @@
-"""Evaluation of a trained student U-Net on a manifest split (the pinned metric protocol, see README).
+"""Evaluation of a trained network on a manifest split (the pinned metric protocol, see README): the student
+U-Net, or a text-conditioned baseline (`clip`, `lvit`), which is given the manifest's reports.
 
 Results go to RUN/eval/<split>/ (metrics.json, per_image.csv) unless another folder is given, so that the
 splits of one run keep their own results; existing results are replaced only with `overwrite`.
@@ -23,6 +24,7 @@ from dusss.engine.precision import resolve_device
 from dusss.engine.train import load_segmentation_model
 from dusss.errors import DataError
 from dusss.metrics import SegmentationMetrics
+from dusss.models.networks import segment
 from dusss.outputs import check_outputs
 from dusss.runfiles import run_file
 
@@ -75,7 +77,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "test", 
     metrics = SegmentationMetrics(threshold=threshold, empty_policy=empty_policy, compute_hd95=True)
     with torch.no_grad():
         for batch in loader:
-            probs = torch.sigmoid(model(batch["image"].to(dev)).float()).cpu()
+            probs = torch.sigmoid(segment(model, batch["image"].to(dev), batch["text"]).float()).cpu()
             metrics.update(probs, batch["mask"], list(batch["key"]))
     summary = metrics.compute()
     result = {"split": split, "n_images": len(labeled), "image_size": int(meta["image_size"]),

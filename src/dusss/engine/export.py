@@ -208,6 +208,7 @@ def export_model(model_path: str | Path, fmt: str, out_file: str | Path, opset: 
     exists without `overwrite` (all one-line messages).
     """
     from dusss.engine.train import load_segmentation_model
+    from dusss.models.networks import needs_text
 
     out_file = Path(out_file)
     fmt_n = _check_args(fmt, out_file, opset)
@@ -215,6 +216,10 @@ def export_model(model_path: str | Path, fmt: str, out_file: str | Path, opset: 
     check_outputs([out_file, sidecar_for(out_file)],
                   inputs=[("--model", source), ("--model's sidecar", sidecar_path(source))], overwrite=overwrite)
     model, meta = load_segmentation_model(model_path, "cpu")
+    if needs_text(model):
+        raise ConfigError(f"{source}: a {meta.get('network')!r} network (method {meta.get('method')!r}) needs each "
+                          "image's report and its frozen text encoder at inference; export writes image-only "
+                          "networks (the U-Net students of every other method)")
     image_size = _image_size(meta, source)
     threshold = _threshold(meta, source)
     cfg = model.cfg

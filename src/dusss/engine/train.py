@@ -50,7 +50,8 @@ from dusss.engine.step import to_device
 from dusss.errors import ConfigError, DataError
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method
 from dusss.metrics import SegmentationMetrics
-from dusss.models.unet import CHECKPOINT_KIND, UNet, UNetConfig
+from dusss.models.networks import load_network, needs_text, segment
+from dusss.models.unet import CHECKPOINT_KIND, UNetConfig
 from dusss.runfiles import RunFiles, run_file
 
 MODEL_KIND = CHECKPOINT_KIND  # the checkpoint kind of a student U-Net
@@ -119,9 +120,10 @@ def _split_records(records: list[Record], split: dict[str, Any]) -> dict[str, li
     return out
 
 
-def load_segmentation_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """Load a student U-Net written by `dusss train` (a run folder or its model.safetensors), in eval mode."""
-    model, meta = UNet.load(run_file(path))
+def load_segmentation_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load the network written by `dusss train` (a run folder or its model.safetensors), in eval mode: the
+    student U-Net, or a text-conditioned baseline's network (`dusss.models.networks`)."""
+    model, meta = load_network(run_file(path))
     return model.to(device).eval(), meta
 
 
@@ -134,7 +136,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, device: torch.device, p
     metrics = SegmentationMetrics(threshold=threshold, compute_hd95=False)
     for batch in loader:
         with autocast_context(device, precision):
-            logits = model(batch["image"].to(device))
+            logits = segment(model, batch["image"].to(device), batch.get("text"))
         metrics.update(torch.sigmoid(logits.float()).cpu(), batch["mask"], list(batch["key"]))
     model.train(was)
     return metrics.compute()
@@ -187,16 +189,18 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
     if not parts["val"]:
         raise DataError(cfg.splits, "val split is empty: needed for early stopping and model selection")
 
-    student = UNet(cfg.unet).to(device)
-    maybe_channels_last(student, cfg.channels_last)
-    needs_vlm = SEG_METHODS[cfg.method].needs_vlm
+    method_cls = SEG_METHODS[cfg.method]
     vlm = None
-    if needs_vlm:
+    if method_cls.needs_vlm:
         if not cfg.vlm:
             raise ConfigError(f"method {cfg.method!r} needs a pre-trained VLM: pass --vlm RUN/vlm.safetensors")
         from dusss.models.vlm import VisionLanguageModel
 
         vlm = VisionLanguageModel.from_checkpoint(cfg.vlm).to(device)
+    # the U-Net, or the method's text-conditioned network (which records where its frozen VLM lives)
+    student = method_cls.build_student(cfg.unet, cfg.semi, vlm, str(Path(cfg.vlm).resolve()) if cfg.vlm else "")
+    student = student.to(device)
+    maybe_channels_last(student, cfg.channels_last)
     # Under torchrun the method trains the student through DistributedDataParallel (rank 0's weights everywhere
     # from here on; bucketed gradient all-reduce during backward); the EMA teacher copies the plain module.
     trained_student = dist.wrap_ddp(student, device)
@@ -261,9 +265,11 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
     best_dice, best_epoch = float(resumed.get("best_dice", -1.0)), int(resumed.get("best_epoch", 0))
     bad_epochs = int(resumed.get("bad_epochs", 0))
 
-    meta_common = {"unet": to_dict(cfg.unet), "image_size": cfg.image_size, "method": cfg.method,
+    net_meta = student.to_checkpoint()[1]  # the network's name and what rebuilds it ({"network": "unet", "unet": ..})
+    meta_common = {**net_meta, "image_size": cfg.image_size, "method": cfg.method,
                    "threshold": cfg.threshold, "input": "RGB float in [0,1], resized to image_size (bilinear)",
-                   "output": "logits [B,1,H,W]; probability = sigmoid(logits); mask = probability >= threshold"}
+                   "output": "logits [B,1,H,W]; probability = sigmoid(logits); mask = probability >= threshold",
+                   "needs_text": needs_text(student)}
     t_run = time.time()
     last_meta: dict[str, Any] | None = None  # sidecar of last.safetensors: the last epoch trained by this call
     warmup_logs: dict[str, float] = {}

@@ -1,14 +1,15 @@
 """Settings of the semi-supervised baselines (`dusss.methods.baselines`), one dataclass per method, nested in
 `SegMethodConfig` as `semi.<method>.*` (e.g. `--set semi.uamt.passes=8`). Defaults are each paper's setting;
-each field says where it comes from. Lower layer: imports only `dusss.config`.
+each field says where it comes from. Lower layer: imports only `dusss.config` (and the text encoder's config).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from dusss.config import MAX_WEIGHT, bounded, check, check_fields
+from dusss.models.text_encoders import TextEncoderConfig
 
 
 @dataclass
@@ -143,4 +144,17 @@ class BCPConfig:
         check_fields(self, "semi.bcp")
 
 
-__all__ = ["BCPConfig", "CCTConfig", "CPSConfig", "MCNetConfig", "SSNetConfig", "UAMTConfig", "UCMTConfig"]
+@dataclass
+class LViTConfig:
+    """LViT-style text-conditioned U-Net (Li et al., IEEE TMI 2023; `dusss.models.text_segmenters`)."""
+
+    # the frozen text encoder whose mean word-piece state conditions every stage (LViT: frozen BERT features;
+    # ours: the packaged all-MiniLM-L6-v2, or any local BERT-family folder with text.kind: hf)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "semi.lvit")
+
+
+__all__ = ["BCPConfig", "CCTConfig", "CPSConfig", "LViTConfig", "MCNetConfig", "SSNetConfig", "UAMTConfig",
+           "UCMTConfig"]

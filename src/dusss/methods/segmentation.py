@@ -51,6 +51,7 @@ from dusss.methods.baseline_config import (
     BCPConfig,
     CCTConfig,
     CPSConfig,
+    LViTConfig,
     MCNetConfig,
     SSNetConfig,
     UAMTConfig,
@@ -60,6 +61,7 @@ from dusss.methods.perturb import Mix, PerturbConfig, pseudo_targets, strong_vie
 from dusss.models.batchnorm import frozen_running_stats
 from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
 from dusss.models.grounding import TextMaskConfig, TextMaskGenerator
+from dusss.models.unet import UNet, UNetConfig
 from dusss.registry import Registry
 
 __all__ = [
@@ -147,6 +149,7 @@ class SegMethodConfig:
     ssnet: SSNetConfig = field(default_factory=SSNetConfig)
     cps: CPSConfig = field(default_factory=CPSConfig)
     bcp: BCPConfig = field(default_factory=BCPConfig)
+    lvit: LViTConfig = field(default_factory=LViTConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "semi")
@@ -217,6 +220,15 @@ class SegMethod:
     # The method's published setting as dotted `TrainConfig` keys (`seg_method_preset`); a class attribute so
     # that a method registered from another module brings its own.
     preset: ClassVar[dict[str, Any]] = {}
+    # The network the method trains, saves and predicts with (`dusss.models.networks`): "unet" (images only),
+    # or a text-conditioned one that needs each image's report at inference ("clip", "lvit").
+    network: ClassVar[str] = "unet"
+
+    @classmethod
+    def build_student(cls, unet: UNetConfig, cfg: SegMethodConfig, vlm: nn.Module | None = None,
+                      vlm_path: str = "") -> nn.Module:
+        """The network this method trains (the U-Net here; text-conditioned baselines build their own)."""
+        return UNet(unet)
 
     def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
         self.cfg = cfg

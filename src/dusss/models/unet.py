@@ -17,6 +17,7 @@ Inputs are `[B, in_channels, H, W]` images in [0, 1]; H and W that are not multi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +29,17 @@ from torch import nn
 from dusss.config import bounded, check_fields
 
 CHECKPOINT_KIND = "segmentation"
+# `UNet.forward(condition=...)`: (stage index, stage output) -> the output the next stage reads
+StageHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _identity(_stage: int, features: torch.Tensor) -> torch.Tensor:
+    return features
+
+
+def stage_channels(width: int) -> tuple[int, ...]:
+    """Channels of the nine stage outputs `condition` sees: x1..x5 (w, 2w, 4w, 8w, 8w), up4..up1 (4w, 2w, w, w)."""
+    return (width, 2 * width, 4 * width, 8 * width, 8 * width, 4 * width, 2 * width, width, width)
 
 
 @dataclass
@@ -105,30 +117,34 @@ class UNet(nn.Module):
         self.up1 = Up(w, w, w)
         self.outc = nn.Conv2d(w, self.cfg.n_classes, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, feature_dropout: float = 0.0,
-                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, UNetFeatures]:
+    def forward(self, x: torch.Tensor, feature_dropout: float = 0.0, return_features: bool = False,
+                condition: StageHook | None = None) -> torch.Tensor | tuple[torch.Tensor, UNetFeatures]:
         """Logits for `x`; `feature_dropout` > 0 drops whole channels (Dropout2d, always on) of every encoder
         feature before the decoder reads it: UniMatch's feature perturbation stream.
 
         `return_features=True` returns `(logits, UNetFeatures)`: the five encoder maps (after any feature dropout)
         and the decoder's last map before `outc`, at the padded size, for methods with extra heads (CCT's
         auxiliary decoders, MC-Net's second decoder, SS-Net's prototypes). They run through `forward`, so a
-        DistributedDataParallel student still synchronises every gradient that reaches it through them."""
+        DistributedDataParallel student still synchronises every gradient that reaches it through them.
+
+        `condition(k, features)` (text-conditioned networks, `dusss.models.text_segmenters`) replaces the output of
+        stage k: k = 0..4 the encoder maps x1..x5, k = 5..8 the outputs of up4..up1."""
+        hook = condition or _identity
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % 16, (-w) % 16
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        x1 = self.inc(x)
-        x2 = self.down1(x1)
-        x3 = self.down2(x2)
-        x4 = self.down3(x3)
-        x5 = self.down4(x4)
+        x1 = hook(0, self.inc(x))
+        x2 = hook(1, self.down1(x1))
+        x3 = hook(2, self.down2(x2))
+        x4 = hook(3, self.down3(x3))
+        x5 = hook(4, self.down4(x4))
         if feature_dropout > 0:
             x1, x2, x3, x4, x5 = (F.dropout2d(f, feature_dropout, training=True) for f in (x1, x2, x3, x4, x5))
-        y = self.up4(x5, x4)
-        y = self.up3(y, x3)
-        y = self.up2(y, x2)
-        last = self.up1(y, x1)
+        y = hook(5, self.up4(x5, x4))
+        y = hook(6, self.up3(y, x3))
+        y = hook(7, self.up2(y, x2))
+        last = hook(8, self.up1(y, x1))
         y = self.outc(last)
         if pad_h or pad_w:
             y = y[..., :h, :w]
@@ -142,24 +158,32 @@ class UNet(nn.Module):
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, meta) for `dusss.checkpoint.save_checkpoint(path, tensors, "segmentation", meta)`."""
-        return dict(self.state_dict()), {"unet": dataclasses.asdict(self.cfg)}
+        return dict(self.state_dict()), {"network": "unet", "unet": dataclasses.asdict(self.cfg)}
 
     @classmethod
     def load(cls, path: str | Path, prefix: str = "") -> tuple[UNet, dict[str, Any]]:
         """(U-Net, sidecar meta) from a "segmentation" checkpoint; `prefix` selects keys stored as `prefix.*`.
-        The one U-Net loader: `from_checkpoint` and `engine.train.load_segmentation_model` go through it."""
-        from dusss.checkpoint import load_checkpoint, load_state_into, unprefixed
+        The one U-Net loader: `from_checkpoint`, `dusss.models.networks.load_network` and
+        `engine.train.load_segmentation_model` go through it (or through `from_parts`, its second half)."""
+        from dusss.checkpoint import load_checkpoint, unprefixed
+
+        tensors, meta = load_checkpoint(path, CHECKPOINT_KIND)
+        return cls.from_parts(unprefixed(prefix, tensors) if prefix else tensors, meta, path), meta
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> UNet:
+        """A U-Net from a checkpoint's tensors and sidecar meta (`path` names the file in errors)."""
+        from dusss.checkpoint import load_state_into
         from dusss.config import from_dict
         from dusss.errors import CheckpointError, ConfigError
 
-        tensors, meta = load_checkpoint(path, CHECKPOINT_KIND)
         try:
             cfg = from_dict(UNetConfig, meta["unet"], "unet")
         except (KeyError, TypeError, ConfigError) as exc:
             raise CheckpointError(f"{path}: sidecar has no valid U-Net config ({exc})") from None
         model = cls(cfg)
-        load_state_into(model, unprefixed(prefix, tensors) if prefix else tensors, path)
-        return model, meta
+        load_state_into(model, tensors, path)
+        return model
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, prefix: str = "") -> UNet:

@@ -1,0 +1,53 @@
+"""The shared part of the text-equipped, fully supervised baselines of the DuSSS paper's Table 1: `clip`
+(`clip.py`) and `lvit` (`lvit.py`).
+
+Both train a text-conditioned network (`dusss.models.text_segmenters`) with L_sup (eq 15) on the labeled
+images and their reports; they use no unlabeled images (the paper runs them on 100 % of the labels, where a
+grid gives them fewer they are the text-conditioned lower bound) and **need each image's report at inference**
+(`dusss predict --text`; `dusss evaluate` reads the manifest's). The DuSSS student needs no text at inference.
+
+* `clip` (Radford et al., ICML 2021): a frozen VLM pre-trained with the CLIP objective (`dusss pretrain
+  --method clip`; the harness pre-trains one per seed) and a trained dense decoder; the mask is
+  κ·cos(decoded patch features, report embedding) + β (`semi.text_mask.*` configures the decoder, trained at
+  `semi.text_mask_lr` like the same generator in `dusss`).
+* `lvit` (Li et al., IEEE TMI 2023): LViT's U-Net (`unet.*`) with the report's frozen text embedding injected
+  at every stage by FiLM (`semi.lvit.text.*` chooses the frozen encoder; all-MiniLM-L6-v2 by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dusss.methods.segmentation import SegMethod
+
+
+class TextSupervisedMethod(SegMethod):
+    """L_sup (eq 15) of a text-conditioned network on the labeled images and their reports."""
+
+    def loss(
+        self,
+        labeled: dict[str, Any],
+        unlabeled: dict[str, Any] | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y, has, texts = self._unpack(labeled)
+        l_sup = self._sup_loss(self.student(x, texts), y, has)
+        return l_sup, self._floats({"loss": l_sup, "sup": l_sup})
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The network's own logits for `images` and their reports (`student`), in eval mode."""
+        if texts is None:
+            raise ValueError(f"method {self.name!r} needs the reports of the images")
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return {"student": self.student(images.to(self.device), list(texts))}
+        finally:
+            self.student.train(was_training)
+
+
+__all__ = ["TextSupervisedMethod"]
