@@ -29,7 +29,7 @@ SMALL = {"epochs": 2, "batch_size": 4, "image_size": 32, "unet.base_width": 4, "
 
 
 @pytest.fixture(scope="module")
-def lvit_run(tmp_path_factory: pytest.TempPathFactory, phantom_split) -> tuple[Path, Path]:  # noqa: ANN001
+def lvit_run(tmp_path_factory: pytest.TempPathFactory, phantom_split) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("lvit")
     manifest, split = phantom_split(root)
     cfg = load_train_config(None, {"data": str(manifest), "splits": str(split), "out": str(root / "run"),
@@ -39,7 +39,7 @@ def lvit_run(tmp_path_factory: pytest.TempPathFactory, phantom_split) -> tuple[P
     return root / "run", manifest
 
 
-def test_lvit_run_saves_its_network_and_evaluation_feeds_the_manifest_reports(lvit_run) -> None:  # noqa: ANN001
+def test_lvit_run_saves_its_network_and_evaluation_feeds_the_manifest_reports(lvit_run) -> None:
     run, manifest = lvit_run
     meta = json.loads((run / "model.json").read_text())
     assert meta["network"] == "lvit" and meta["needs_text"] and meta["method"] == "lvit"
@@ -58,7 +58,7 @@ def test_lvit_run_saves_its_network_and_evaluation_feeds_the_manifest_reports(lv
     assert result["method"] == "lvit"
 
 
-def test_predict_needs_the_reports_of_a_text_network(lvit_run, tmp_path: Path) -> None:  # noqa: ANN001
+def test_predict_needs_the_reports_of_a_text_network(lvit_run, tmp_path: Path) -> None:
     run, manifest = lvit_run
     rows = read_manifest(manifest)[:2]
     images = [r.image for r in rows]
@@ -68,7 +68,7 @@ def test_predict_needs_the_reports_of_a_text_network(lvit_run, tmp_path: Path) -
     with pytest.raises(ConfigError, match="2 reports for 3 image"):
         predict_files(run, [*images, images[0]], tmp_path / "bad", texts=["a", "b"])
     written = predict_files(run, images, tmp_path / "own", texts=[r.text for r in rows])
-    model, meta = load_segmentation_model(run)
+    model, _ = load_segmentation_model(run)
     for row, path in zip(rows, written):
         with torch.no_grad():
             z = model(model_input(np.asarray(Image.open(row.image).convert("RGB"), np.float32) / 255, 32), [row.text])
@@ -78,24 +78,24 @@ def test_predict_needs_the_reports_of_a_text_network(lvit_run, tmp_path: Path) -
     assert len(one) == 2
 
 
-def test_export_refuses_a_text_network_by_name(lvit_run, tmp_path: Path) -> None:  # noqa: ANN001
+def test_export_refuses_a_text_network_by_name(lvit_run, tmp_path: Path) -> None:
     run, _ = lvit_run
     with pytest.raises(ConfigError, match="'lvit' network .* needs each image's report"):
         export_model(run, "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_flops_of_a_text_network_count_its_text_encoder(lvit_run) -> None:  # noqa: ANN001
+def test_flops_of_a_text_network_count_its_text_encoder(lvit_run) -> None:
     run, _ = lvit_run
-    model, meta = load_segmentation_model(run)
+    model, _ = load_segmentation_model(run)
     with_text = forward_flops(model, 32)
     unet_only = forward_flops(model.unet, 32)
     assert with_text > unet_only > 0
     assert forward_flops(model, 32, text=FLOPS_REPORT + " " + FLOPS_REPORT) > with_text  # a longer report
 
 
-def test_compare_runs_clip_and_lvit_and_counts_their_frozen_encoders(tmp_path: Path, phantom_split,  # noqa: ANN001
-                                                                     tiny_vlm_checkpoint) -> None:  # noqa: ANN001
+def test_compare_runs_clip_and_lvit_and_counts_their_frozen_encoders(tmp_path: Path, phantom_split,
+                                                                     tiny_vlm_checkpoint) -> None:
     manifest, _ = phantom_split(tmp_path)
     vlm_overrides = {"epochs": 1, "batch_size": 8, "image_size": 32, "vlm.image.image_size": 32,
                      "vlm.image.hidden_size": 16, "vlm.image.num_layers": 1, "vlm.image.num_heads": 2,

@@ -119,11 +119,11 @@ def test_lvit_with_the_packaged_minilm_keeps_its_frozen_weights_out_of_the_state
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("films.0.")})
 
 
-def _tiny_vlm(tiny_vlm_checkpoint, tmp_path: Path) -> Path:  # noqa: ANN001
+def _tiny_vlm(tiny_vlm_checkpoint, tmp_path: Path) -> Path:
     return tiny_vlm_checkpoint(tmp_path / "vlm.safetensors")
 
 
-def test_clip_segmenter_is_the_text_mask_generator_without_its_frozen_vlm(tiny_vlm_checkpoint, tmp_path: Path) -> None:  # noqa: ANN001
+def test_clip_segmenter_is_the_text_mask_generator_without_its_frozen_vlm(tiny_vlm_checkpoint, tmp_path: Path) -> None:
     path = _tiny_vlm(tiny_vlm_checkpoint, tmp_path)
     cfg = TextMaskConfig(skip_channels=4)
     torch.manual_seed(0)

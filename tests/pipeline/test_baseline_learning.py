@@ -63,7 +63,7 @@ def test_every_baseline_module_registers_a_method() -> None:
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SHORT[n]))
                                   if n in KNOWN_SHORT else n for n in BASELINES])
 def test_baseline_beats_the_untrained_network(name: str, phantoms: tuple[Path, Path, float], tmp_path: Path,
-                                              tiny_vlm_checkpoint) -> None:  # noqa: ANN001
+                                              tiny_vlm_checkpoint) -> None:
     torch.set_num_threads(1)
     manifest, splits, untrained = phantoms
     # a method on a frozen VLM gets a random one here (no pre-training in this test)

@@ -57,7 +57,7 @@ def test_loss_is_l_sup_of_the_text_conditioned_logits_over_the_masked_images() -
     assert logs["sup"] == pytest.approx(float(expected.detach())) == pytest.approx(logs["loss"])
     # the report is an input: other reports, another loss
     other, _ = method.loss({"image": x, "mask": y, "has_mask": has, "text": TEXTS[::-1]})
-    assert abs(float(other) - float(loss)) > 1e-4
+    assert abs(float(other.detach()) - float(loss.detach())) > 1e-4
     loss.backward()
     assert student.films[0].gamma.weight.grad is not None
 
@@ -78,24 +78,22 @@ def test_pseudo_labels_are_the_eval_mode_logits_and_need_the_reports() -> None:
         method.pseudo_labels(x)
 
 
-def test_clip_needs_a_vlm_and_trains_its_decoder_at_the_text_mask_lr(tiny_vlm_checkpoint, tmp_path: Path) -> None:  # noqa: ANN001
+def test_clip_needs_a_vlm_and_trains_its_decoder_at_the_runs_lr(tiny_vlm_checkpoint, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs a pretrained VLM"):
         SEG_METHODS["clip"].build_student(UNetConfig(base_width=4), SegMethodConfig())
     vlm = VisionLanguageModel.from_checkpoint(tiny_vlm_checkpoint(tmp_path / "vlm.safetensors"))
-    cfg = SegMethodConfig(text_mask_lr=0.02)
+    cfg = SegMethodConfig(text_mask_lr=0.02)  # the Step-2 text-mask generator's lr: not this network's
     student = SEG_METHODS["clip"].build_student(UNetConfig(base_width=4), cfg, vlm, "v.safetensors")
     method = build_seg_method("clip", cfg, student, vlm)
     groups = method.param_groups(1e-3, 1e-4)
-    assert {g["lr"] for g in groups} == {0.02}
+    assert {g["lr"] for g in groups} == {1e-3}
     assert {g["weight_decay"] for g in groups} == {1e-4, 0.0}  # scalars (κ, β) and biases without decay
     in_groups = {id(p) for g in groups for p in g["params"]}
     assert in_groups == {id(p) for p in student.parameters() if p.requires_grad}
     assert not any(id(p) in in_groups for p in vlm.parameters())
-    assert {g["lr"] for g in build_seg_method("clip", SegMethodConfig(text_mask_lr=0.0), student, vlm)
-            .param_groups(1e-3, 1e-4)} == {1e-3}  # 0 = the run's lr
 
 
-def test_clip_network_fits_a_small_set(tiny_vlm_checkpoint, tmp_path: Path) -> None:  # noqa: ANN001
+def test_clip_network_fits_a_small_set(tiny_vlm_checkpoint, tmp_path: Path) -> None:
     """The CLIP-style network learns: 100 AdamW steps on 8 images take it from an empty mask to Dice > 0.9."""
     from dusss.metrics import dice_score
 
@@ -111,7 +109,7 @@ def test_clip_network_fits_a_small_set(tiny_vlm_checkpoint, tmp_path: Path) -> N
     y[1::2, :, :, 16:] = 1
     batch = {"image": x, "mask": y, "text": ["Infection in the left lung.", "Infection in the right lung."] * 4}
     before = dice_score(torch.sigmoid(method.pseudo_labels(x, batch["text"])["student"]), y).mean()
-    opt = torch.optim.AdamW(method.param_groups(1e-3, 0.0))  # the text-mask lr, 1e-2
+    opt = torch.optim.AdamW(method.param_groups(1e-2, 0.0))
     method.train()
     for _ in range(100):
         loss, _ = method.loss(batch)

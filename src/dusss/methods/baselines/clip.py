@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
 from dusss.errors import ConfigError
 from dusss.methods.baselines._text_supervised import TextSupervisedMethod
-from dusss.methods.segmentation import SegMethodConfig, _decay_groups, register_seg_method
+from dusss.methods.segmentation import SegMethodConfig, register_seg_method
 from dusss.models.unet import UNetConfig
 
 
@@ -30,11 +30,6 @@ class ClipMethod(TextSupervisedMethod):
         if vlm is None:
             raise ConfigError("method 'clip' needs a pretrained VLM (--vlm; `dusss pretrain --method clip`)")
         return ClipSegmenter(vlm, cfg.text_mask, vlm_path)
-
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """The decoder and κ, β at `semi.text_mask_lr` (0: the run's lr), as the same text-mask generator gets
-        in `dusss` / `amvlm`."""
-        return _decay_groups(self.parameters(), self._text_lr(lr), weight_decay)
 
 
 __all__ = ["ClipMethod"]
