@@ -7,6 +7,7 @@
 * `run_train` (the dusss method: student + EMA teacher + text masks from the frozen VLM) completes in
   2 processes, keeps parameters and BatchNorm buffers identical across ranks, only rank 0 writes, and the
   metrics are sane (BatchNorm statistics are per rank, as with DDP, so its losses are not compared);
+* `run_train` of a text-conditioned baseline (`lvit`) in 2 processes keeps its parameters identical across ranks;
 * `python -m torch.distributed.run --nproc_per_node 2 -m dusss train ...` works end to end.
 
 One launch of two plain Python processes with torchrun's environment variables runs all three library
@@ -87,6 +88,8 @@ WORKER = COMMON + textwrap.dedent('''
     from dusss import distributed
     import dusss.engine.pretrain as pretrain_mod
     import dusss.engine.train as train_mod
+    import dusss.methods.segmentation as seg_mod
+    import dusss.models.text_segmenters as text_seg_mod
     from dusss.methods.pretrain import build_pretrain_objective
     from dusss.models.vlm import VisionLanguageModel
 
@@ -116,12 +119,17 @@ WORKER = COMMON + textwrap.dedent('''
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             built.setdefault("vlm", self)
-    class SpyUNet(train_mod.UNet):
+    class SpyUNet(seg_mod.UNet):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             built.setdefault("unet", self)
+    class SpyLViT(text_seg_mod.LViTSegmenter):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.setdefault("lvit", self)
     pretrain_mod.VisionLanguageModel = SpyVLM
-    train_mod.UNet = SpyUNet
+    seg_mod.UNet = SpyUNet  # the student every U-Net method builds (`SegMethod.build_student`)
+    text_seg_mod.LViTSegmenter = SpyLViT
     try:
         # (a) the objective on this rank's half of the global batch, negatives gathered
         torch.manual_seed(0)
@@ -151,6 +159,14 @@ WORKER = COMMON + textwrap.dedent('''
         train_mod.run_train(train_config(data, splits, tmp / "runs2" / "train",
                                          tmp / "runs2" / "pretrain" / "vlm.safetensors"))
         torch.save(built["unet"].state_dict(), tmp / f"train_rank{rank}.pt")
+        # (d) a text-conditioned baseline (lvit: U-Net + FiLM of a frozen text encoder) under DDP
+        import dataclasses
+        lvit_cfg = dataclasses.replace(train_config(data, splits, tmp / "runs2" / "lvit", ""), method="lvit",
+                                       epochs=1)
+        lvit_cfg.semi.lvit.text = TextEncoderConfig(random_init=True, num_layers=1, hidden_size=16, num_heads=2,
+                                                    intermediate_size=32, dropout=0.0)
+        train_mod.run_train(lvit_cfg)
+        torch.save(built["lvit"].state_dict(), tmp / f"lvit_rank{rank}.pt")
         distributed.barrier()
     finally:
         distributed.cleanup()
@@ -278,6 +294,21 @@ def test_two_process_segmentation_training(two_ranks: Path) -> None:
             assert math.isfinite(row[key]) and row[key] >= 0, key
         assert 0.0 <= row["val/dice"] <= 1.0
     assert meta["epoch"] == 2
+
+
+@pytest.mark.timeout(200)
+def test_two_process_text_baseline_training(two_ranks: Path) -> None:
+    run = two_ranks / "runs2" / "lvit"
+    assert (run / "DONE").is_file() and (run / "model.safetensors").is_file()
+    ranks = [torch.load(two_ranks / f"lvit_rank{r}.pt") for r in range(2)]
+    assert set(ranks[0]) == set(ranks[1]) and any(k.startswith("films.") for k in ranks[0])
+    for name in ranks[0]:  # U-Net, FiLM layers and the (random-init, so saved) frozen text encoder
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ranks[0].items() if k.startswith("films."))
+    last, meta = load_checkpoint(run / "last.safetensors", "segmentation")
+    assert meta["network"] == "lvit" and all(torch.equal(last[k], ranks[0][k]) for k in last)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [2] and 0.0 <= rows[0]["val/dice"] <= 1.0
 
 
 @pytest.mark.timeout(150)

@@ -137,6 +137,17 @@ def test_clip_segmenter_is_the_text_mask_generator_without_its_frozen_vlm(tiny_v
     assert list(model.state_dict()) and not any(k.startswith("generator.vlm.") for k in model.state_dict())
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(not p.requires_grad for p in model.generator.vlm.parameters())
+    with torch.no_grad():  # open the zero-initialised branches, as training does
+        for g in model.generator.decoder.gates:
+            g.fill_(0.5)
+        for proj in model.generator.decoder.skips:
+            proj.weight.normal_(0, 0.5)
+    model.train()
+    model(x, TEXTS).square().mean().backward()
+    # every trained parameter gets a gradient in every step (DDP without find_unused_parameters)
+    assert all(p.grad is not None for p in trained), [n for n, p in model.named_parameters()
+                                                      if p.requires_grad and p.grad is None]
+    model.eval()
 
     tensors, meta = model.to_checkpoint()
     assert meta["network"] == "clip" and meta["vlm"] == str(path)

@@ -79,6 +79,10 @@ class ClipSegmenter(FrozenPartsModule):
     def __init__(self, vlm: nn.Module, cfg: TextMaskConfig | None = None, vlm_path: str = "") -> None:
         super().__init__()
         self.generator = TextMaskGenerator(vlm, cfg)
+        # L_tg's pooling mask (κ_m, β_m) and logit scale never run here: frozen, so that every trained
+        # parameter gets a gradient in every step (DistributedDataParallel requires it)
+        for p in (self.generator.pool_kappa, self.generator.pool_beta, self.generator.logit_scale):
+            p.requires_grad_(False)
         self.vlm_path = vlm_path
 
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
