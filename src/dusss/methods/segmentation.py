@@ -61,6 +61,7 @@ from dusss.methods.perturb import Mix, PerturbConfig, pseudo_targets, strong_vie
 from dusss.models.batchnorm import frozen_running_stats
 from dusss.models.ema import EMATeacher, sigmoid_rampup, unwrap
 from dusss.models.grounding import TextMaskConfig, TextMaskGenerator
+from dusss.models.networks import segment
 from dusss.models.unet import UNet, UNetConfig
 from dusss.registry import Registry
 
@@ -392,8 +393,8 @@ class SegMethod:
 
     def _labeled_loss(self, labeled: dict[str, Any]) -> torch.Tensor:
         """L_sup of a labeled batch through its own student pass (methods that need no other labeled output)."""
-        x_l, y_l, has_l, _ = self._unpack(labeled)
-        return self._sup_loss(self.student(x_l), y_l, has_l)
+        x_l, y_l, has_l, t_l = self._unpack(labeled)
+        return self._sup_loss(segment(self.student, x_l, t_l), y_l, has_l)
 
     def _teacher_logits(self, x_u: torch.Tensor) -> torch.Tensor:
         """The EMA teacher's logits on the weak view (plus `perturb.teacher_noise`)."""
@@ -409,12 +410,13 @@ class SegMethod:
         return consistency_loss(z_s, target, self.cfg.consistency, weight=weight)
 
     @torch.no_grad()
-    def _student_eval(self, images: torch.Tensor) -> torch.Tensor:
-        """Student logits in eval mode (BN running statistics untouched), restoring the previous mode."""
+    def _student_eval(self, images: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
+        """Student logits in eval mode (BN running statistics untouched), restoring the previous mode; `texts`
+        reach a text-conditioned student only."""
         was_training = self.student.training
         self.student.eval()
         try:
-            return self.student(images.to(self.device))
+            return segment(self.student, images.to(self.device), texts)
         finally:
             self.student.train(was_training)
 
@@ -436,7 +438,7 @@ class SegMethod:
 
     def pseudo_labels(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Logits the method would use as targets for `images`; always includes the student's (`student`)."""
-        return {"student": self._student_eval(images)}
+        return {"student": self._student_eval(images, texts)}
 
 
 @register_seg_method("supervised")

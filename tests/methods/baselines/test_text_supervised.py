@@ -74,7 +74,7 @@ def test_pseudo_labels_are_the_eval_mode_logits_and_need_the_reports() -> None:
     student.train()
     method.pseudo_labels(x, TEXTS)
     assert student.training  # the mode is restored
-    with pytest.raises(ValueError, match="needs the reports"):
+    with pytest.raises(ValueError, match="needs one report per image"):
         method.pseudo_labels(x)
 
 

@@ -17,38 +17,12 @@ grid gives them fewer they are the text-conditioned lower bound) and **need each
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from dusss.methods.segmentation import SegMethod
+from dusss.methods.segmentation import SupervisedMethod
 
 
-class TextSupervisedMethod(SegMethod):
-    """L_sup (eq 15) of a text-conditioned network on the labeled images and their reports."""
-
-    def loss(
-        self,
-        labeled: dict[str, Any],
-        unlabeled: dict[str, Any] | None = None,
-        step: int = 0,
-        total_steps: int = 1,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        x, y, has, texts = self._unpack(labeled)
-        l_sup = self._sup_loss(self.student(x, texts), y, has)
-        return l_sup, self._floats({"loss": l_sup, "sup": l_sup})
-
-    @torch.no_grad()
-    def pseudo_labels(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """The network's own logits for `images` and their reports (`student`), in eval mode."""
-        if texts is None:
-            raise ValueError(f"method {self.name!r} needs the reports of the images")
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            return {"student": self.student(images.to(self.device), list(texts))}
-        finally:
-            self.student.train(was_training)
+class TextSupervisedMethod(SupervisedMethod):
+    """L_sup (eq 15) of a text-conditioned network on the labeled images and their reports (`SegMethod` passes
+    the reports to a text-conditioned student through `dusss.models.networks.segment`)."""
 
 
 __all__ = ["TextSupervisedMethod"]
