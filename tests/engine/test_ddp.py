@@ -88,7 +88,6 @@ WORKER = COMMON + textwrap.dedent('''
     from dusss import distributed
     import dusss.engine.pretrain as pretrain_mod
     import dusss.engine.train as train_mod
-    import dusss.methods.segmentation as seg_mod
     import dusss.models.text_segmenters as text_seg_mod
     from dusss.methods.pretrain import build_pretrain_objective
     from dusss.models.vlm import VisionLanguageModel
@@ -119,7 +118,7 @@ WORKER = COMMON + textwrap.dedent('''
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             built.setdefault("vlm", self)
-    class SpyUNet(seg_mod.UNet):
+    class SpyUNet(train_mod.UNet):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             built.setdefault("unet", self)
@@ -128,7 +127,7 @@ WORKER = COMMON + textwrap.dedent('''
             super().__init__(*a, **k)
             built.setdefault("lvit", self)
     pretrain_mod.VisionLanguageModel = SpyVLM
-    seg_mod.UNet = SpyUNet  # the student every U-Net method builds (`SegMethod.build_student`)
+    train_mod.UNet = SpyUNet
     text_seg_mod.LViTSegmenter = SpyLViT
     try:
         # (a) the objective on this rank's half of the global batch, negatives gathered

@@ -51,7 +51,7 @@ from dusss.errors import ConfigError, DataError
 from dusss.methods.segmentation import SEG_METHODS, SegMethodConfig, build_seg_method
 from dusss.metrics import SegmentationMetrics
 from dusss.models.networks import load_network, needs_text, segment
-from dusss.models.unet import CHECKPOINT_KIND, UNetConfig
+from dusss.models.unet import CHECKPOINT_KIND, UNet, UNetConfig
 from dusss.runfiles import RunFiles, run_file
 
 MODEL_KIND = CHECKPOINT_KIND  # the checkpoint kind of a student U-Net
@@ -190,6 +190,8 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
         raise DataError(cfg.splits, "val split is empty: needed for early stopping and model selection")
 
     method_cls = SEG_METHODS[cfg.method]
+    # the U-Net first: its initial weights are the same draws whether or not a VLM is built after it
+    student = UNet(cfg.unet) if method_cls.network == "unet" else None
     vlm = None
     if method_cls.needs_vlm:
         if not cfg.vlm:
@@ -198,7 +200,8 @@ def _run_train(cfg: TrainConfig, overwrite: bool, resume: bool, hold: ExitStack)
 
         vlm = VisionLanguageModel.from_checkpoint(cfg.vlm).to(device)
     # the U-Net, or the method's text-conditioned network (which records where its frozen VLM lives)
-    student = method_cls.build_student(cfg.unet, cfg.semi, vlm, str(Path(cfg.vlm).resolve()) if cfg.vlm else "")
+    if student is None:
+        student = method_cls.build_student(cfg.unet, cfg.semi, vlm, str(Path(cfg.vlm).resolve()) if cfg.vlm else "")
     student = student.to(device)
     maybe_channels_last(student, cfg.channels_last)
     # Under torchrun the method trains the student through DistributedDataParallel (rank 0's weights everywhere

@@ -228,7 +228,8 @@ class SegMethod:
     @classmethod
     def build_student(cls, unet: UNetConfig, cfg: SegMethodConfig, vlm: nn.Module | None = None,
                       vlm_path: str = "") -> nn.Module:
-        """The network this method trains (the U-Net here; text-conditioned baselines build their own)."""
+        """The network this method trains: the U-Net for `network: unet` (which `run_train` builds itself, from
+        `engine.train.UNet`), the method's own network for the text-conditioned baselines."""
         return UNet(unet)
 
     def __init__(self, cfg: SegMethodConfig, student: nn.Module, vlm: nn.Module | None = None) -> None:
